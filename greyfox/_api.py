@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_api -*-
+"""The JSON admin API's logic: argument checks, queries, response shapes.
+
+Handlers return ``(status, document)``; the Klein layer in :mod:`greyfox._app`
+turns them into responses.  Reads first wait for the ledger's queued rows to
+be committed (unless the database is failing), so a request answered a moment
+ago is already in ``/api/requests``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date, datetime, time, timedelta
+from typing import Any, Callable, Mapping
+from zoneinfo import ZoneInfo
+
+from twisted.internet.defer import Deferred
+
+from . import __version__
+from . import _errors as errors
+from ._config import Settings
+from ._store import GROUPS, Ledger, requests_txn, usage_txn
+
+Result = tuple[int, dict[str, Any]]
+
+
+def _arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
+    values = args.get(name.encode())
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace")
+
+
+def _day(value: str, name: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise errors.bad_request(f"{name} must be a date YYYY-MM-DD, not {value!r}.", "invalid_date", name) from None
+
+
+def _whole(value: str, name: str, low: int, high: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = low - 1
+    if not low <= n <= high:
+        raise errors.bad_request(f"{name} must be a whole number from {low} to {high}.", "invalid_number", name)
+    return n
+
+
+class Api:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        run: Callable[..., Deferred[Any]],
+        seconds: Callable[[], float],
+        started: float,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.run = run
+        self.seconds = seconds
+        self.started = started
+        self.tz = ZoneInfo(settings.tz)
+
+    async def _settled(self) -> None:
+        if self.ledger.degraded is None:
+            await self.ledger.flush()
+
+    def _midnight(self, day: date) -> float:
+        return datetime.combine(day, time(0), self.tz).timestamp()
+
+    def today(self) -> date:
+        return datetime.fromtimestamp(self.seconds(), self.tz).date()
+
+    async def usage(self, args: Mapping[bytes, list[bytes]]) -> Result:
+        group = _arg(args, "group") or "user"
+        if group not in GROUPS:
+            raise errors.bad_request(f"group must be one of {', '.join(GROUPS)}.", "invalid_group", "group")
+        today = self.today()
+        raw_from, raw_to = _arg(args, "from"), _arg(args, "to")
+        day_from = _day(raw_from, "from") if raw_from else today
+        day_to = _day(raw_to, "to") if raw_to else (day_from if raw_from and not raw_to else today)
+        if day_to < day_from:
+            raise errors.bad_request("to must not be before from.", "invalid_range", "to")
+        await self._settled()
+        rows = await self.run(
+            usage_txn, group, self._midnight(day_from), self._midnight(day_to + timedelta(days=1))
+        )
+        return 200, {"group": group, "from": day_from.isoformat(), "to": day_to.isoformat(), "rows": rows}
+
+    async def requests(self, args: Mapping[bytes, list[bytes]]) -> Result:
+        limit = _whole(_arg(args, "limit") or "50", "limit", 1, 500)
+        raw_before = _arg(args, "before")
+        before = _whole(raw_before, "before", 1, 2**62) if raw_before else None
+        filters: dict[str, Any] = {}
+        for name, column in (("user", "user"), ("model", "model"), ("cache", "cache")):
+            value = _arg(args, name)
+            if value:
+                filters[column] = value.upper() if name == "cache" else value
+        status = _arg(args, "status")
+        if status:
+            filters["status"] = _whole(status, "status", 100, 599)
+        await self._settled()
+        rows = await self.run(requests_txn, limit + 1, before, filters)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return 200, {
+            "requests": [self.present(r) for r in rows],
+            "next": rows[-1]["id"] if more else None,
+        }
+
+    def present(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A ledger row as the API shows it."""
+        out = dict(row)
+        out["time"] = datetime.fromtimestamp(out.pop("ts"), self.tz).isoformat(timespec="milliseconds")
+        out.pop("day", None)
+        out["stream"] = bool(out["stream"])
+        out["cost_known"] = out["cost_usd"] is not None
+        return out
+
+    def status(self) -> Result:
+        db = self.settings.db
+        try:
+            size = os.path.getsize(db)
+        except OSError:
+            size = None
+        return 200, {
+            "version": __version__,
+            "uptime_s": round(self.seconds() - self.started, 3),
+            "mode": self.settings.mode,
+            "default_upstream": self.settings.default_upstream,
+            "upstreams": [
+                {"name": u.name, "base_url": u.base_url, "key_configured": u.has_key}
+                for u in self.settings.upstreams.values()
+            ],
+            "db": {"path": os.path.abspath(db), "size_bytes": size},
+            "ledger": {
+                "pending_rows": self.ledger.pending,
+                "written_rows": self.ledger.written,
+                "degraded": self.ledger.degraded,
+            },
+        }
+
+    def health(self) -> Result:
+        if self.ledger.degraded is not None:
+            return 503, {"status": "degraded", "reason": self.ledger.degraded}
+        return 200, {"status": "ok"}

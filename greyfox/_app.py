@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""The HTTP surface: every Klein route lives here and only here.
+
+Routes are thin: they call :class:`~greyfox._proxy.Proxy` or
+:class:`~greyfox._api.Api` and turn results or :class:`ApiError` into
+responses.  Keeping Klein to this module means it could be swapped for plain
+``twisted.web.resource`` without touching the logic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from typing import Any, Awaitable, Callable
+
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.static import File
+
+from . import _errors as errors
+from ._api import Api, Result
+from ._errors import ApiError
+from ._metrics import CONTENT_TYPE, Metrics
+from ._proxy import Proxy, _same
+from ._routing import bearer
+
+log = Logger()
+
+
+def web_root() -> str:
+    """The console's static files: installed ``greyfox/web``, else the repo's ``web/``."""
+    installed = resources.files("greyfox") / "web"
+    if installed.is_dir():
+        return str(installed)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+
+
+def _json(request: IRequest, status: int, doc: Any) -> bytes:
+    body = json.dumps(doc).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def _error(request: IRequest, e: ApiError) -> bytes:
+    for name, value in e.headers:
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+    return _json(request, e.status, e.body())
+
+
+class GreyFoxApp:
+    """Binds the routes to one proxy, one API and one metrics registry."""
+
+    app = Klein()
+
+    def __init__(self, proxy: Proxy, api: Api, metrics: Metrics, admin_token: str | None) -> None:
+        self.proxy = proxy
+        self.api = api
+        self.metrics = metrics
+        self._admin = admin_token.encode() if admin_token else None
+        self._static = File(web_root())
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- the proxy --
+
+    @app.route("/v1", branch=True)
+    def v1(self, request: IRequest) -> Deferred[bytes]:
+        subpath = request.path[len(b"/v1") :] or b"/"
+        d = ensureDeferred(self.proxy.handle(request, subpath))
+        self.proxy.in_flight.add(d)
+
+        def forget(result: Any) -> Any:
+            self.proxy.in_flight.discard(d)
+            return result
+
+        return d.addBoth(forget)
+
+    # -- health and metrics --
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        status, doc = self.api.health()
+        return _json(request, status, doc)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        try:
+            self._check_admin(request)
+        except ApiError as e:
+            return _error(request, e)
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        return self.metrics.render()
+
+    # -- admin API --
+
+    def _check_admin(self, request: IRequest) -> None:
+        if self._admin is None:
+            return
+        token = bearer(request.getHeader(b"authorization"))
+        if token is None or not _same(token, self._admin):
+            raise errors.unauthorized("This endpoint needs Authorization: Bearer <GREYFOX_ADMIN_TOKEN>.")
+
+    async def _admin_call(self, request: IRequest, handler: Callable[[], Awaitable[Result] | Result]) -> bytes:
+        try:
+            self._check_admin(request)
+            result = handler()
+            if not isinstance(result, tuple):
+                result = await result
+            status, doc = result
+        except ApiError as e:
+            return _error(request, e)
+        except Exception:
+            log.failure("admin API {path} failed", path=request.path.decode("latin-1", "replace"))
+            return _error(request, ApiError(503, "The database could not answer; see the log.", "server_error", "db_error"))
+        return _json(request, status, doc)
+
+    @app.route("/api/usage", methods=["GET"])
+    def usage(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.usage(request.args)))
+
+    @app.route("/api/requests", methods=["GET"])
+    def requests(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.requests(request.args)))
+
+    @app.route("/api/status", methods=["GET"])
+    def status(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, self.api.status))
+
+    @app.route("/api", branch=True)
+    def api_unknown(self, request: IRequest) -> bytes:
+        try:
+            self._check_admin(request)
+        except ApiError as e:
+            return _error(request, e)
+        return _error(request, errors.not_found(f"No API endpoint {request.method.decode()} {request.path.decode('latin-1')}."))
+
+    # -- the console --
+
+    @app.route("/", branch=True, methods=["GET", "HEAD"])
+    def console(self, request: IRequest) -> Any:
+        return self._static

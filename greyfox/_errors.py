@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_errors -*-
+"""OpenAI-shaped errors: every error GreyFox makes itself looks like the API's own."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attr
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ApiError(Exception):
+    """An error answered by GreyFox itself, in the OpenAI error shape.
+
+    :ivar status: the HTTP status code.
+    :ivar headers: extra response headers (``Retry-After`` and friends).
+    """
+
+    status: int
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "code": self.code,
+            "param": self.param,
+        }
+        err.update(self.extra)
+        return {"error": err}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode("utf-8")
+
+
+def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+def unauthorized(message: str = "Incorrect or missing bearer token for this GreyFox proxy.") -> ApiError:
+    return ApiError(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, message, "invalid_request_error", "not_found")
+
+
+def too_large(limit_bytes: int) -> ApiError:
+    mib = limit_bytes / (1024 * 1024)
+    return ApiError(
+        413,
+        f"Request body is larger than the {mib:g} MiB limit (GREYFOX_MAX_BODY_MB).",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def unsupported_media(content_type: str) -> ApiError:
+    return ApiError(
+        415,
+        f"Content-Type must be application/json, not {content_type or 'missing'!r}.",
+        "invalid_request_error",
+        "unsupported_media_type",
+    )
+
+
+def bad_gateway(message: str) -> ApiError:
+    return ApiError(502, message, "upstream_error", "upstream_unreachable")
+
+
+def gateway_timeout(message: str) -> ApiError:
+    return ApiError(504, message, "upstream_error", "upstream_timeout")

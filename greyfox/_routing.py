@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_routing -*-
+"""Where a request goes and which headers travel with it.  Pure functions."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import attr
+
+from ._config import Upstream
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what the relay re-frames itself:
+# treq decodes gzip and de-chunks, twisted.web re-frames the response.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"content-encoding",
+        b"host",
+    }
+)
+
+# Never sent upstream: GreyFox's own credential and controls, client cookies,
+# and Accept-Encoding (the HTTP client asks for gzip and decodes it itself).
+_NOT_FORWARDED = frozenset({b"authorization", b"cookie", b"accept-encoding", b"x-app-user-id"})
+
+# Never relayed back: an upstream's cookies are not the client's business.
+_NOT_RELAYED = frozenset({b"set-cookie", b"set-cookie2"})
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Route:
+    """An upstream and the model name as that upstream knows it."""
+
+    upstream: Upstream
+    model: str | None
+    prefixed: bool = False
+
+
+def resolve(model: str | None, upstreams: Mapping[str, Upstream], default: str) -> Route:
+    """``deepseek/deepseek-chat`` -> (deepseek, ``deepseek-chat``); else the default upstream.
+
+    Only a known upstream name counts as a prefix, so ``anthropic/claude`` sent
+    to a default OpenRouter upstream keeps its slash.
+    """
+    if model and "/" in model:
+        prefix, _, rest = model.partition("/")
+        if prefix in upstreams and rest:
+            return Route(upstreams[prefix], rest, True)
+    return Route(upstreams[default], model)
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, list[bytes]]]) -> set[bytes]:
+    named = set()
+    for name, values in headers:
+        if name.lower() == b"connection":
+            for value in values:
+                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return named
+
+
+def request_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
+    """The client's headers as they may go upstream (no hop-by-hop, no credentials)."""
+    headers = list(headers)
+    drop = _connection_tokens(headers)
+    out = []
+    for name, values in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in _NOT_FORWARDED or lower in drop or lower.startswith(b"x-greyfox-"):
+            continue
+        out.append((name, values))
+    return out
+
+
+def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
+    """The upstream's response headers as they may go to the client."""
+    headers = list(headers)
+    drop = _connection_tokens(headers)
+    return [
+        (name, values)
+        for name, values in headers
+        if name.lower() not in HOP_BY_HOP and name.lower() not in _NOT_RELAYED and name.lower() not in drop
+    ]
+
+
+def upstream_authorization(upstream: Upstream, client_authorization: bytes | None, client_token_set: bool) -> bytes | None:
+    """The ``Authorization`` to send upstream.
+
+    The upstream's own key when it has one; otherwise the client's header
+    passes through, unless it is GreyFox's own client token.
+    """
+    if upstream.api_key:
+        return b"Bearer " + upstream.api_key.encode("latin-1")
+    if client_token_set:
+        return None
+    return client_authorization
+
+
+def upstream_url(upstream: Upstream, subpath: bytes, query: bytes = b"") -> str:
+    """``base_url`` + the path after ``/v1`` (+ the query string)."""
+    url = upstream.base_url + subpath.decode("latin-1")
+    if query:
+        url += "?" + query.decode("latin-1")
+    return url
+
+
+def bearer(header: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer`` header, if that is what it is."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip() or None

@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_store -*-
+"""SQLite persistence through adbapi: schema, the group-commit ledger, queries.
+
+The schema is migrated synchronously at start-up, before the port opens.  At
+run time every statement goes through one ``adbapi.ConnectionPool`` with a
+single connection (more connections lose updates silently on SQLite).
+Functions named ``*_txn`` run in the pool's thread with a cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Iterable, Sequence
+
+import attr
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
+
+# Each entry migrates from version i to i + 1; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            day TEXT NOT NULL,
+            user TEXT NOT NULL,
+            upstream TEXT,
+            model TEXT,
+            endpoint TEXT NOT NULL,
+            stream INTEGER NOT NULL DEFAULT 0,
+            status INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            total_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL,
+            cache TEXT NOT NULL DEFAULT 'NONE',
+            saved_tokens INTEGER NOT NULL DEFAULT 0,
+            saved_usd REAL NOT NULL DEFAULT 0,
+            latency_ms REAL,
+            ttfb_ms REAL,
+            usage_source TEXT NOT NULL DEFAULT 'none',
+            error TEXT
+        )""",
+        "CREATE INDEX ledger_day ON ledger (day)",
+        "CREATE INDEX ledger_ts ON ledger (ts)",
+        "CREATE INDEX ledger_user_day ON ledger (user, day)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _pragmas(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return the version found."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema v{found} is newer than this GreyFox (v{SCHEMA_VERSION})")
+    for version in range(found, SCHEMA_VERSION):
+        with conn:
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+    return found
+
+
+def prepare_database(path: str) -> int:
+    """Create the file and its directory, migrate, return the highest ledger id.
+
+    Synchronous: called once at start-up, before the port opens.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        _pragmas(conn)
+        migrate(conn)
+        return conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def make_pool(path: str, reactor: Any = None) -> adbapi.ConnectionPool:
+    kwargs: dict[str, Any] = {}
+    if reactor is not None:
+        kwargs["cp_reactor"] = reactor
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_pragmas,
+        cp_noisy=False,
+        **kwargs,
+    )
+
+
+@attr.s(auto_attribs=True, slots=True)
+class LedgerRow:
+    """One request as metered: what the ledger table stores."""
+
+    id: int
+    ts: float
+    day: str
+    user: str
+    endpoint: str
+    upstream: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float | None = 0.0
+    cache: str = "NONE"
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
+    latency_ms: float | None = None
+    ttfb_ms: float | None = None
+    usage_source: str = "none"
+    error: str | None = None
+
+
+LEDGER_COLUMNS = tuple(a.name for a in attr.fields(LedgerRow))
+_INSERT = "INSERT OR REPLACE INTO ledger ({}) VALUES ({})".format(
+    ", ".join(LEDGER_COLUMNS), ", ".join("?" for _ in LEDGER_COLUMNS)
+)
+
+
+def insert_rows_txn(txn: Any, rows: Sequence[LedgerRow]) -> None:
+    txn.executemany(_INSERT, [attr.astuple(r) for r in rows])
+
+
+class Ledger:
+    """Group-commit writer: rows queue in memory, one transaction per batch.
+
+    :meth:`record` never waits.  A batch is written as soon as the reactor is
+    free; rows that arrive meanwhile form the next batch.  A failing database
+    keeps the rows queued and retries with back-off (``degraded`` says why);
+    nothing is dropped.
+
+    :param run: ``ConnectionPool.runInteraction`` or a stand-in.
+    """
+
+    MAX_BATCH = 500
+    RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 5.0)
+
+    def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0) -> None:
+        self._run = run
+        self._clock = clock
+        self._last_id = last_id
+        self._queue: list[LedgerRow] = []
+        self._writing = False
+        self._scheduled: IDelayedCall | None = None
+        # Batches leave the queue front in order and go back to its front on
+        # failure, so commits follow record order: counting is enough.
+        self._recorded = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._failures = 0
+        self.degraded: str | None = None
+        self.written = 0
+        self.listeners: list[Callable[[LedgerRow], None]] = []
+
+    def next_id(self) -> int:
+        self._last_id += 1
+        return self._last_id
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def record(self, row: LedgerRow) -> None:
+        """Queue a row for the next batch.  Never blocks, never raises."""
+        self._queue.append(row)
+        self._recorded += 1
+        for listener in self.listeners:
+            listener(row)
+        self._schedule(0)
+
+    def flush(self) -> Deferred[None]:
+        """Fires once every row recorded so far is committed."""
+        if self._committed >= self._recorded:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((self._recorded, d))
+        self._schedule(0)
+        return d
+
+    def _schedule(self, delay: float) -> None:
+        if self._scheduled is None and not self._writing:
+            self._scheduled = self._clock.callLater(delay, self._write)
+
+    def _write(self) -> None:
+        self._scheduled = None
+        if self._writing or not self._queue:
+            return
+        batch = self._queue[: self.MAX_BATCH]
+        del self._queue[: self.MAX_BATCH]
+        self._writing = True
+        d = self._run(insert_rows_txn, batch)
+        d.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _written(self, _: object, batch: list[LedgerRow]) -> None:
+        self._writing = False
+        self.written += len(batch)
+        if self.degraded is not None:
+            log.info("ledger: database writable again, {n} queued rows follow", n=len(self._queue))
+        self.degraded = None
+        self._failures = 0
+        self._committed += len(batch)
+        if self._queue:
+            self._schedule(0)
+        ready = [d for target, d in self._waiters if target <= self._committed]
+        self._waiters = [(t, d) for t, d in self._waiters if t > self._committed]
+        for d in ready:
+            d.callback(None)
+
+    def _failed(self, failure: Any, batch: list[LedgerRow]) -> None:
+        self._writing = False
+        self._queue[:0] = batch
+        delay = self.RETRY_DELAYS[min(self._failures, len(self.RETRY_DELAYS) - 1)]
+        self._failures += 1
+        reason = failure.getErrorMessage() or failure.type.__name__
+        if self.degraded is None:
+            log.warn("ledger: cannot write to the database ({reason}); {n} rows kept in memory, retrying",
+                     reason=reason, n=len(self._queue))
+        self.degraded = f"ledger database not writable: {reason}"
+        self._schedule(delay)
+
+
+# -- queries (run in the pool's thread) --
+
+_SUMS = """
+    COUNT(*) AS requests,
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE prompt_tokens END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE completion_tokens END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE total_tokens END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE COALESCE(cost_usd, 0) END),
+    SUM(CASE WHEN cache = 'HIT' THEN 1 ELSE 0 END),
+    SUM(saved_tokens),
+    SUM(saved_usd),
+    SUM(CASE WHEN cost_usd IS NULL AND cache != 'HIT' AND total_tokens > 0 THEN 1 ELSE 0 END)
+"""
+
+GROUPS = {"user": "user", "model": "model", "day": "day", "upstream": "upstream"}
+
+
+def usage_txn(txn: Any, group: str, ts_from: float, ts_to: float) -> list[dict[str, Any]]:
+    """Totals per ``group`` for requests with ``ts_from <= ts < ts_to``."""
+    column = GROUPS[group]
+    txn.execute(
+        f"SELECT {column}, {_SUMS} FROM ledger WHERE ts >= ? AND ts < ? GROUP BY {column} ORDER BY {column}",
+        (ts_from, ts_to),
+    )
+    rows = []
+    for key, n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced in txn.fetchall():
+        rows.append(
+            {
+                "key": key,
+                "requests": n,
+                "prompt_tokens": prompt or 0,
+                "completion_tokens": completion or 0,
+                "total_tokens": total or 0,
+                "cost_usd": round(cost or 0.0, 6),
+                "cache_hits": hits or 0,
+                "saved_tokens": saved_t or 0,
+                "saved_usd": round(saved_usd or 0.0, 6),
+                "unpriced_requests": unpriced or 0,
+            }
+        )
+    return rows
+
+
+def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Newest first; ``filters`` maps ledger column -> exact value."""
+    where, args = [], []
+    if before is not None:
+        where.append("id < ?")
+        args.append(before)
+    for column, value in filters.items():
+        where.append(f"{column} = ?")
+        args.append(value)
+    sql = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    txn.execute(sql, args)
+    return [dict(zip(LEDGER_COLUMNS, row)) for row in txn.fetchall()]
+
+
+def totals_txn(txn: Any) -> tuple[int, float]:
+    txn.execute("SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM ledger")
+    n, cost = txn.fetchone()
+    return n, cost
+
+
+def day_totals(conn: sqlite3.Connection, day: str) -> Iterable[tuple[str, int, float]]:
+    """(user, tokens, dollars) charged on ``day``; used to rebuild counters at start."""
+    return conn.execute(
+        "SELECT user, SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger "
+        "WHERE day = ? AND cache != 'HIT' GROUP BY user",
+        (day,),
+    ).fetchall()

@@ -1,0 +1,192 @@
+# -*- test-case-name: tests.test_tokens -*-
+"""Token counting that works offline and counts streams exactly.
+
+The two official encodings ship gzipped in ``greyfox/data`` (taken from the
+MIT-licensed ``bpe-openai`` wheel; byte-identical to OpenAI's published files).
+:func:`seed_cache` writes them where tiktoken looks before downloading, so
+tiktoken itself checks them against the official SHA-256; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from importlib import resources
+from typing import Any, Iterable
+
+import regex
+
+_PUBLIC = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+#: Official SHA-256 of each encoding file (as in tiktoken_ext.openai_public).
+ENCODINGS = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+
+def seed_cache(cache_dir: str) -> None:
+    """Write the shipped encodings into tiktoken's download cache.
+
+    Called once at start-up (synchronous file I/O, off the request path).
+    A file already there with the right hash is left alone.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, sha in ENCODINGS.items():
+        target = os.path.join(cache_dir, hashlib.sha1(_PUBLIC.format(name).encode()).hexdigest())
+        if os.path.exists(target):
+            with open(target, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() == sha:
+                    continue
+        data = gzip.decompress((resources.files("greyfox") / "data" / f"{name}.tiktoken.gz").read_bytes())
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise RuntimeError(f"shipped {name} does not match its official SHA-256")
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+
+
+def load_encodings(cache_dir: str) -> dict[str, Any]:
+    """Seed the cache and load both encodings (about 0.5 s: call it in a thread)."""
+    import tiktoken
+
+    seed_cache(cache_dir)
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    return {name: tiktoken.get_encoding(name) for name in ENCODINGS}
+
+
+def encoding_name_for(model: str) -> str:
+    """The encoding a model uses; cl100k for models tiktoken does not know.
+
+    For non-OpenAI models any count is an estimate; cl100k is a fair one.
+    """
+    from tiktoken.model import encoding_name_for_model
+
+    base = model.rsplit("/", 1)[-1]
+    try:
+        name = encoding_name_for_model(base)
+    except KeyError:
+        return "cl100k_base"
+    return name if name in ENCODINGS else "cl100k_base"
+
+
+def rough_count(text: str) -> int:
+    """A count for when no encoding is loaded yet: ~4 characters a token."""
+    return (len(text) + 3) // 4
+
+
+class IncrementalCounter:
+    """Counts the tokens of a text that arrives in pieces, exactly.
+
+    BPE never merges across the encoding's pre-tokenizer pieces, so every
+    piece but the last two (which may still grow) is final and is encoded on
+    its own.  The total equals ``len(enc.encode_ordinary(whole_text))`` for any
+    chunking (see tests/test_tokens.py).  With ``enc=None`` it falls back to
+    :func:`rough_count` of the whole text.
+    """
+
+    __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all")
+
+    def __init__(self, enc: Any | None) -> None:
+        self._enc = enc
+        self._pat = regex.compile(enc._pat_str) if enc is not None else None
+        self._pending = ""
+        self._counted = 0
+        self._all = 0  # characters seen, for the rough fallback
+
+    def feed(self, text: str) -> None:
+        if not text:
+            return
+        self._all += len(text)
+        if self._enc is None:
+            return
+        pending = self._pending + text
+        ends = [m.end() for m in self._pat.finditer(pending)]
+        if len(ends) > 2:
+            start = 0
+            for end in ends[:-2]:
+                self._counted += len(self._enc.encode_ordinary(pending[start:end]))
+                start = end
+            pending = pending[start:]
+        self._pending = pending
+
+    @property
+    def total(self) -> int:
+        """Tokens of everything fed so far."""
+        if self._enc is None:
+            return (self._all + 3) // 4
+        if not self._pending:
+            return self._counted
+        return self._counted + len(self._enc.encode_ordinary(self._pending))
+
+
+def count_text(enc: Any | None, text: str) -> int:
+    if enc is None:
+        return rough_count(text)
+    return len(enc.encode_ordinary(text))
+
+
+def _content_text(content: Any) -> Iterable[str]:
+    """Text parts of a message ``content`` (a string or a list of parts)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                yield part
+            elif isinstance(part, dict):
+                for key in ("text", "input_text", "output_text"):
+                    if isinstance(part.get(key), str):
+                        yield part[key]
+                if isinstance(part.get("content"), (str, list)):
+                    yield from _content_text(part["content"])
+
+
+def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any]) -> int:
+    """Prompt tokens of a request body, counted locally.
+
+    Chat messages use OpenAI's published accounting (3 tokens a message plus
+    3 to prime the reply); images and audio are not counted.
+    """
+    total = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            total += 3
+            if isinstance(message, dict):
+                for text in _content_text(message.get("content")):
+                    total += count_text(enc, text)
+                if isinstance(message.get("name"), str):
+                    total += 1
+                calls = message.get("tool_calls")
+                if isinstance(calls, list):
+                    for call in calls:
+                        fn = call.get("function", {}) if isinstance(call, dict) else {}
+                        for key in ("name", "arguments"):
+                            if isinstance(fn.get(key), str):
+                                total += count_text(enc, fn[key])
+        total += 3
+    for key in ("prompt", "input", "instructions"):
+        value = body.get(key)
+        if isinstance(value, str):
+            total += count_text(enc, value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    total += count_text(enc, item)
+                elif isinstance(item, list):  # pre-tokenized input
+                    total += len(item) if all(isinstance(t, int) for t in item) else 0
+                elif isinstance(item, int):
+                    total += 1
+                elif isinstance(item, dict):
+                    total += 3
+                    for text in _content_text(item.get("content")):
+                        total += count_text(enc, text)
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        import json
+
+        total += count_text(enc, json.dumps(tools, separators=(",", ":")))
+    return total

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_usage -*-
+"""What a response cost in tokens: the upstream's ``usage``, or our own count.
+
+Pure functions and a sans-I/O :class:`StreamMeter` that watches SSE events go
+by, takes the usage when the upstream sends it, counts the streamed text as a
+fallback, and says which events the client should not see.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attr
+
+from ._sse import Event
+from ._tokens import IncrementalCounter
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    """Normalise a ``usage`` block of chat, completions, embeddings or responses."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
+        prompt = _int(usage.get("input_tokens"))
+        completion = _int(usage.get("output_tokens"))
+        details = usage.get("input_tokens_details")
+    elif "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        if not completion and "completion_tokens" not in usage:
+            # embeddings: only prompt and total
+            completion = max(0, _int(usage.get("total_tokens")) - prompt)
+        details = usage.get("prompt_tokens_details")
+    else:
+        return None
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    # DeepSeek reports its context cache this way.
+    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))
+    return Usage(prompt, completion, min(cached, prompt))
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """The usage of a complete JSON response body, if it has one."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if doc.get("object") == "response" or ("usage" not in doc and isinstance(doc.get("response"), dict)):
+        inner = doc if "usage" in doc else doc["response"]
+        return parse_usage(inner.get("usage"))
+    return parse_usage(doc.get("usage"))
+
+
+def _delta_text(doc: dict[str, Any]) -> str:
+    """Generated text in one streamed chunk (chat, completions or responses)."""
+    kind = doc.get("type")
+    if isinstance(kind, str):
+        # Responses API: output text, refusals, tool-call arguments, reasoning.
+        if kind.endswith(".delta") and isinstance(doc.get("delta"), str):
+            return doc["delta"]
+        return ""
+    parts = []
+    choices = doc.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                for key in ("content", "reasoning_content", "reasoning", "refusal"):
+                    if isinstance(delta.get(key), str):
+                        parts.append(delta[key])
+                calls = delta.get("tool_calls")
+                if isinstance(calls, list):
+                    for call in calls:
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(fn, dict):
+                            for key in ("name", "arguments"):
+                                if isinstance(fn.get(key), str):
+                                    parts.append(fn[key])
+    return "".join(parts)
+
+
+class StreamMeter:
+    """Watches a streamed response's events; decides which reach the client.
+
+    :param counter: counts the streamed text for when no usage arrives.
+    :param strip_usage_chunk: drop the usage-only chat chunk that GreyFox asked
+        the upstream for on the client's behalf.
+    """
+
+    def __init__(self, counter: IncrementalCounter, strip_usage_chunk: bool = False) -> None:
+        self.counter = counter
+        self.strip_usage_chunk = strip_usage_chunk
+        self.usage: Usage | None = None
+        self.done = False  # saw [DONE] or a terminal responses event
+        self.events = 0
+
+    def on_event(self, event: Event) -> bool:
+        """Account for one event; return whether to relay it to the client."""
+        data = event.data
+        if data is None:
+            return True
+        self.events += 1
+        if data == "[DONE]":
+            self.done = True
+            return True
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(doc, dict):
+            return True
+        text = _delta_text(doc)
+        if text:
+            self.counter.feed(text)
+        kind = doc.get("type")
+        if isinstance(kind, str):
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.done = True
+                response = doc.get("response")
+                if isinstance(response, dict):
+                    self.usage = parse_usage(response.get("usage")) or self.usage
+            return True
+        usage = parse_usage(doc.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            if self.strip_usage_chunk and doc.get("choices") == []:
+                return False
+        return True

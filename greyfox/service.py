@@ -1,0 +1,191 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""The GreyFox service: owns the listening port, the HTTP pool, the DB pool.
+
+Everything with a lifetime is opened in ``startService`` and closed in
+``stopService``, in the order that loses nothing: stop accepting, let
+in-flight requests finish (then cancel stragglers), flush the ledger, close
+the pools.
+"""
+
+from __future__ import annotations
+
+import os
+from http.cookiejar import CookieJar
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from ._api import Api
+from ._app import GreyFoxApp
+from ._config import Settings
+from ._metrics import Metrics
+from ._pricing import PriceTable
+from ._proxy import Proxy
+from ._store import Ledger, make_pool, prepare_database
+from ._tokens import encoding_name_for, load_encodings
+
+log = Logger()
+
+#: Seconds in-flight requests get to finish when the service stops.
+SHUTDOWN_GRACE = 10.0
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: one client's cookies never reach another's request."""
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+
+class _Listener(Service):
+    """Listens on a strports endpoint; a failure to bind raises at start."""
+
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        outcome: list[Any] = []
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0] if outcome else None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class Encodings:
+    """Tokenizers, loaded once in a thread after start; ``None`` until then."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] = {}
+        self._by_model: dict[str, Any] = {}
+
+    def load(self, reactor: Any, cache_dir: str) -> defer.Deferred[None]:
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), load_encodings, cache_dir)
+
+        def loaded(encodings: dict[str, Any]) -> None:
+            self._loaded = encodings
+            self._by_model.clear()
+
+        def failed(f: Failure) -> None:
+            log.failure("could not load the tokenizers; token counts will be rough estimates", f)
+
+        return d.addCallbacks(loaded, failed)
+
+    def for_model(self, model: str) -> Any:
+        try:
+            return self._by_model[model]
+        except KeyError:
+            pass
+        if not self._loaded:
+            return None
+        enc = self._loaded.get(encoding_name_for(model))
+        if len(self._by_model) < 10_000:
+            self._by_model[model] = enc
+        return enc
+
+
+class GreyFoxService(MultiService):
+    """One GreyFox: a proxy, its ledger and its console on one port.
+
+    The constructor prepares the database synchronously, so an unusable DB
+    path stops the start before anything listens.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any = None, load_tokenizers: bool = True) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.load_tokenizers = load_tokenizers
+        last_id = prepare_database(settings.db)
+        self.dbpool = make_pool(settings.db, reactor)
+        self.ledger = Ledger(self.dbpool.runInteraction, reactor, last_id)
+        self.encodings = Encodings()
+        self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
+        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.http_pool.maxPersistentPerHost = 32
+        agent = Agent(reactor, connectTimeout=settings.connect_timeout, pool=self.http_pool)
+        self.http = HTTPClient(agent, cookiejar=NoCookies())
+        self.prices = PriceTable.shipped(settings.prices)
+        self.proxy = Proxy(
+            settings,
+            self.http,
+            reactor,
+            self.ledger,
+            self.prices,
+            encoding_for=self.encodings.for_model,
+            on_settle=lambda call, row: self.metrics.observe(row),
+        )
+        self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds())
+        self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
+        self.site = Site(self.web.resource())
+        self.site.displayTracebacks = False
+        self.listener = _Listener(reactor, settings.listen, self.site)
+        self.listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        s = self.settings
+        upstreams = ", ".join(
+            f"{u.name}={u.base_url}{'' if u.has_key else ' (no key: client credential passes through)'}"
+            for u in s.upstreams.values()
+        )
+        log.info("GreyFox starting: mode={mode}, db={db}, upstreams: {upstreams}", mode=s.mode, db=s.db, upstreams=upstreams)
+        if s.listens_beyond_loopback() and s.client_token is None:
+            log.warn(
+                "WARNING: listening on {listen} beyond loopback with no GREYFOX_CLIENT_TOKEN: "
+                "anyone who can reach this port can spend your upstream keys.",
+                listen=s.listen,
+            )
+        super().startService()
+        if self.load_tokenizers:
+            cache_dir = os.path.join(os.path.dirname(os.path.abspath(s.db)), "tiktoken")
+            self.encodings.load(self.reactor, cache_dir)
+
+    @property
+    def port(self) -> Any:
+        return self.listener.port
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield defer.maybeDeferred(super().stopService)  # stop accepting connections
+        pending = list(self.proxy.in_flight)
+        if pending:
+            log.info("waiting up to {grace} s for {n} in-flight requests", grace=SHUTDOWN_GRACE, n=len(pending))
+            waiting = defer.DeferredList(pending, consumeErrors=True)
+            timer = self.reactor.callLater(SHUTDOWN_GRACE, lambda: [d.cancel() for d in pending])
+            yield waiting
+            if timer.active():
+                timer.cancel()
+        while self.ledger.pending:
+            if self.ledger.degraded is not None:
+                log.error("shutting down with {n} ledger rows the database would not take", n=self.ledger.pending)
+                break
+            yield self.ledger.flush()
+        yield self.http_pool.closeCachedConnections()
+        self.dbpool.close()

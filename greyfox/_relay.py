@@ -101,6 +101,7 @@ class BodyPump(Protocol):
         self._registered = False
         self._watchdog: IDelayedCall | None = None
         self._stopped = False
+        self._stop_reason: Exception | None = None
         self.done: Deferred[None] = Deferred(canceller=self._cancel)
 
     # -- upstream side (called by the HTTP client, in the reactor thread) --
@@ -121,7 +122,10 @@ class BodyPump(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disarm()
-        if not self.done.called and reason.check(ResponseDone, PotentialDataLoss):
+        if self._stopped:
+            self._fire_stop()
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
             tail = self.filter.finish()
             if tail:
                 self._write(tail)
@@ -153,21 +157,32 @@ class BodyPump(Protocol):
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The client went away; abort the upstream.  Idempotent (called twice)."""
-        self._abort(ClientGone())
+        """The client went away; abort the upstream at once.  Idempotent (called twice).
+
+        ``done`` fails a tick later: twisted.web stops the producer before it
+        tells the request, and Klein must learn the request is gone first or
+        it reports the cancellation as an error.
+        """
+        self._abort(ClientGone(), fire=False)
+        self.clock.callLater(0, self._fire_stop)
 
     # -- internals --
 
-    def _abort(self, why: Exception) -> None:
+    def _abort(self, why: Exception, fire: bool = True) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_reason = why
         self._disarm()
         self._unregister()
         if self.transport is not None:
             self.transport.stopProducing()
+        if fire:
+            self._fire_stop()
+
+    def _fire_stop(self) -> None:
         if not self.done.called:
-            self.done.errback(Failure(why))
+            self.done.errback(Failure(self._stop_reason or ClientGone()))
 
     def _cancel(self, d: Deferred[None]) -> None:
         self._abort(CancelledError())

@@ -1,0 +1,347 @@
+"""The relay end to end: real sockets, the official openai SDK, a fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import openai
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
+
+from . import fakeupstream
+from .conftest import DEEPSEEK_KEY, PROXY_KEY, eventually, in_thread, post_json, sleep
+
+CLIENT_KEY = "sk-client-key-should-not-travel"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def sdk(base_url: str, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=kw.pop("api_key", CLIENT_KEY), max_retries=0, **kw)
+
+
+# -- round trips through the official SDK --
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_chat_round_trip_uses_the_proxy_key(start_proxy):
+    proxy = await start_proxy()
+
+    def call():
+        raw = sdk(proxy.v1).chat.completions.with_raw_response.create(**CHAT)
+        return raw.headers, raw.parse()
+
+    headers, completion = await in_thread(call)
+    assert completion.choices[0].message.content == fakeupstream.REPLY
+    assert headers["x-greyfox-request-id"].isdigit()
+    [seen] = proxy.upstream.received
+    assert seen.path == "/openai/v1/chat/completions"
+    assert seen.header("authorization") == f"Bearer {PROXY_KEY}"
+    assert CLIENT_KEY not in json.dumps(seen.headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_stream_relays_every_delta_and_hides_the_usage_chunk(start_proxy):
+    proxy = await start_proxy()
+
+    def call():
+        chunks = list(sdk(proxy.v1).chat.completions.create(**CHAT, stream=True))
+        return chunks
+
+    chunks = await in_thread(call)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == fakeupstream.REPLY
+    assert all(c.choices for c in chunks), "the usage-only chunk the proxy asked for leaked to the client"
+    [seen] = proxy.upstream.received
+    assert seen.body["stream_options"] == {"include_usage": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_sdk_stream_with_include_usage_gets_the_usage_chunk(start_proxy):
+    proxy = await start_proxy()
+
+    def call():
+        return list(
+            sdk(proxy.v1).chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
+        )
+
+    chunks = await in_thread(call)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.total_tokens == fakeupstream.PROMPT_TOKENS + fakeupstream.COMPLETION_TOKENS
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_sdk_stream(start_proxy):
+    proxy = await start_proxy()
+
+    def call():
+        async def run():
+            client = openai.AsyncOpenAI(base_url=proxy.v1, api_key=CLIENT_KEY, max_retries=0)
+            stream = await client.chat.completions.create(**CHAT, stream=True)
+            text = ""
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+            await client.close()
+            return text
+
+        return asyncio.run(run())
+
+    assert await in_thread(call) == fakeupstream.REPLY
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_and_other_v1_paths_are_relayed(start_proxy, http):
+    proxy = await start_proxy()
+    models = await in_thread(lambda: sdk(proxy.v1).models.list())
+    assert [m.id for m in models.data] == ["gpt-4o-mini"]
+    response = await http.get(proxy.v1 + "/files/abc/content?x=1")
+    assert response.code == 200
+    assert json.loads(await response.content())["echo"] == "/openai/v1/files/abc/content"
+    assert proxy.upstream.received[-1].header("authorization") == f"Bearer {PROXY_KEY}"
+
+
+# -- routing --
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefixed_model_goes_to_its_upstream_without_the_prefix(start_proxy):
+    proxy = await start_proxy()
+    completion = await in_thread(
+        lambda: sdk(proxy.v1).chat.completions.create(model="deepseek/deepseek-chat", messages=CHAT["messages"])
+    )
+    assert completion.choices[0].message.content == fakeupstream.REPLY
+    [seen] = proxy.upstream.received
+    assert seen.path == "/deepseek/v1/chat/completions"
+    assert seen.body["model"] == "deepseek-chat"
+    assert seen.header("authorization") == f"Bearer {DEEPSEEK_KEY}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_without_key_gets_the_client_credential(start_proxy):
+    proxy = await start_proxy()
+    await in_thread(
+        lambda: sdk(proxy.v1).chat.completions.create(
+            model="openrouter/anthropic/claude-sonnet-4", messages=CHAT["messages"]
+        )
+    )
+    [seen] = proxy.upstream.received
+    assert seen.path == "/openrouter/v1/chat/completions"
+    assert seen.body["model"] == "anthropic/claude-sonnet-4"
+    assert seen.header("authorization") == f"Bearer {CLIENT_KEY}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_token_is_required_and_never_forwarded(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_CLIENT_TOKEN="gf-client-token")
+    for auth in (None, "Bearer wrong", "Basic gf-client-token"):
+        headers = {"authorization": auth} if auth else {}
+        response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT, headers)
+        assert response.code == 401
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert proxy.upstream.received == []
+    # Right token: the keyed upstream gets its key, the key-less one gets no credential at all.
+    ok = sdk(proxy.v1, api_key="gf-client-token")
+    await in_thread(lambda: ok.chat.completions.create(**CHAT))
+    await in_thread(lambda: ok.chat.completions.create(model="openrouter/x/y", messages=CHAT["messages"]))
+    first, second = proxy.upstream.received
+    assert first.header("authorization") == f"Bearer {PROXY_KEY}"
+    assert second.header("authorization") is None
+
+
+# -- bad input: OpenAI-shaped, nothing upstream, still serving --
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_inputs_are_refused_before_the_upstream(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_MAX_BODY_MB="0.001")
+    url = proxy.v1 + "/chat/completions"
+    cases = [
+        (b"{not json", b"application/json", 400, "invalid_json"),
+        (b"[1, 2]", b"application/json", 400, "invalid_json"),
+        (json.dumps({"messages": []}).encode(), b"application/json", 400, "missing_model"),
+        (json.dumps(CHAT).encode(), b"text/plain", 415, "unsupported_media_type"),
+        (json.dumps(dict(CHAT, pad="x" * 2000)).encode(), b"application/json", 413, "request_too_large"),
+    ]
+    for body, content_type, status, code in cases:
+        response = await http.request("POST", url, data=body, headers={b"content-type": [content_type]})
+        doc = json.loads(await response.content())
+        assert response.code == status, (body[:40], doc)
+        assert doc["error"]["code"] == code
+        assert set(doc["error"]) >= {"message", "type", "code", "param"}
+        assert response.headers.getRawHeaders(b"x-greyfox-request-id")
+    response, _ = await post_json(http, url, CHAT, {"x-app-user-id": "bad\x01user"})
+    assert response.code == 400
+    assert proxy.upstream.received == []
+    response, body = await post_json(http, url, CHAT)
+    assert response.code == 200 and json.loads(body)["choices"]
+
+
+# -- upstream failures --
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_error_is_relayed_with_status_and_body(start_proxy, http):
+    proxy = await start_proxy()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="fail-500"))
+    assert response.code == 500
+    assert json.loads(body)["error"]["message"] == "fake failure 500"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_is_502(start_proxy, http):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    proxy = await start_proxy(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1")
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.code == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_response_headers_in_time_is_504(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_READ_TIMEOUT="0.3")
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="hang"))
+    assert response.code == 504
+    assert "GREYFOX_READ_TIMEOUT" in json.loads(body)["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_stream_is_ended_after_the_idle_timeout(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_STREAM_IDLE_TIMEOUT="0.3")
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="stall-after-2", stream=True))
+    assert response.code == 200
+    assert body.count(b"data: ") == 2
+    assert await _wait(proxy.upstream.lost[0], 2.0) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_dropping_mid_stream_ends_the_client_stream(start_proxy, http):
+    proxy = await start_proxy()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="drop-after-2", stream=True))
+    assert response.code == 200
+    assert body.count(b"data: ") == 2
+    assert b"[DONE]" not in body
+
+
+# -- streaming mechanics --
+
+
+class RawClient(Protocol):
+    """An HTTP/1.1 client that can stop reading or hang up, to play a slow or leaving user."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+def raw_post(port: int, doc: Any) -> bytes:
+    body = json.dumps(doc).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_pauses_the_upstream(start_proxy):
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    total = 30 * 1024 * 1024
+    client = RawClient(raw_post(port, dict(CHAT, model="big-30", stream=True)))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: len(client.received) > 100_000)
+    client.transport.pauseProducing()  # the user stops reading
+    # Kernel socket buffers fill for a moment; then the upstream must stand still.
+    stalled_at = -1
+    for _ in range(20):
+        await sleep(0.3)
+        if proxy.upstream.big_written == stalled_at:
+            break
+        stalled_at = proxy.upstream.big_written
+    await sleep(0.5)
+    assert proxy.upstream.big_written == stalled_at, "upstream kept writing while the client read nothing"
+    assert stalled_at < total / 3, "the proxy buffered the stream instead of pausing the upstream"
+    assert proxy.upstream.big_pauses > 0
+    client.transport.resumeProducing()
+    await Deferred.fromCoroutine(_wait(client.closed, 30))
+    assert client.received.count(b"x" * 900) == -(-total // len(fakeupstream.sse({"choices": [{"index": 0, "delta": {"content": "x" * 900}}]})))
+    assert b"[DONE]" in client.received
+
+
+async def _wait(d: Deferred[Any], timeout: float) -> Any:
+    d.addTimeout(timeout, reactor)
+    return await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_cancels_the_upstream_at_once(start_proxy):
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: client.received.count(b"data: ") >= 2)
+    client.transport.abortConnection()
+    assert await _wait(proxy.upstream.lost[0], 1.0) is True
+
+
+# -- isolation and secrecy --
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_cookies_never_reach_another_clients_request(start_proxy, http):
+    proxy = await start_proxy()
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="set-cookie"))
+    assert response.code == 200
+    assert not response.headers.hasHeader(b"set-cookie")
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert proxy.upstream.received[-1].header("cookie") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_key_in_logs_or_database(start_proxy, http, tmp_path):
+    lines: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        proxy = await start_proxy()
+        await post_json(http, proxy.v1 + "/chat/completions", CHAT, {"authorization": f"Bearer {CLIENT_KEY}"})
+        await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="openrouter/a/b"), {"authorization": f"Bearer {CLIENT_KEY}"})
+        await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="fail-500"))
+        status = await http.get(proxy.url + "/api/status")
+        status_body = await status.content()
+        await proxy.stop()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "\n".join(lines)
+    assert "GreyFox starting" in text
+    for secret in (PROXY_KEY, DEEPSEEK_KEY, CLIENT_KEY):
+        assert secret not in text
+        assert secret.encode() not in status_body
+        for f in tmp_path.iterdir():
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f

@@ -66,8 +66,8 @@ class SSEParser:
         pos = max(0, len(self._buf) - 3)
         while True:
             m = _EVENT_END.search(buf, pos)
-            if m is None:
-                break
+            if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
+                break  # a final CR may be the first half of a CRLF: wait for the next byte
             events.append(parse_event(buf[start : m.end()]))
             start = pos = m.end()
         rest = buf[start:]

@@ -94,6 +94,10 @@ class Encodings:
 
         return d.addCallbacks(loaded, failed)
 
+    @property
+    def ready(self) -> bool:
+        return bool(self._loaded)
+
     def for_model(self, model: str) -> Any:
         try:
             return self._by_model[model]

@@ -1,0 +1,211 @@
+"""Every request becomes one ledger row with exact tokens and dollars."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from . import fakeupstream
+from .conftest import eventually, post_json
+from .test_proxy import CHAT, RawClient, raw_post
+
+P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
+
+
+async def get_json(http: Any, url: str) -> Any:
+    response = await http.get(url)
+    return response.code, json.loads(await response.content())
+
+
+async def rows(http: Any, proxy: Any, **query: Any) -> list[dict[str, Any]]:
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    code, doc = await get_json(http, f"{proxy.url}/api/requests?{qs}")
+    assert code == 200, doc
+    return doc["requests"]
+
+
+@pytest.mark.parametrize(
+    "path, body, prompt, completion",
+    [
+        ("/chat/completions", CHAT, P, C),
+        ("/chat/completions", dict(CHAT, stream=True), P, C),
+        ("/completions", {"model": "gpt-4o-mini", "prompt": "Say hello"}, P, C),
+        ("/completions", {"model": "gpt-4o-mini", "prompt": "Say hello", "stream": True}, P, C),
+        ("/embeddings", {"model": "text-embedding-3-small", "input": "hello"}, 5, 0),
+        ("/responses", {"model": "gpt-4o-mini", "input": "Say hello"}, 9, 11),
+        ("/responses", {"model": "gpt-4o-mini", "input": "Say hello", "stream": True}, 9, 11),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_exact_upstream_usage_is_recorded(start_proxy, http, path, body, prompt, completion):
+    proxy = await start_proxy()
+    response, _ = await post_json(http, proxy.v1 + path, body, {"x-app-user-id": "alice"})
+    assert response.code == 200
+    request_id = int(response.headers.getRawHeaders(b"x-greyfox-request-id")[0])
+    [row] = await rows(http, proxy)
+    assert row["id"] == request_id
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (prompt, completion, prompt + completion)
+    assert row["usage_source"] == "upstream"
+    assert row["user"] == "alice" and row["status"] == 200 and row["stream"] == bool(body.get("stream"))
+    assert row["endpoint"] == "/v1" + path and row["upstream"] == "openai"
+    assert row["cost_usd"] > 0
+    assert row["time"].endswith("+00:00")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cost_uses_the_price_table_and_unknown_models_are_flagged(start_proxy, http):
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="deepseek/my-private-model"))
+    unknown, known = await rows(http, proxy)
+    assert known["cost_usd"] == pytest.approx(((P - CACHED) * 0.15 + CACHED * 0.075 + C * 0.60) / 1e6)
+    assert known["cached_tokens"] == CACHED
+    assert unknown["model"] == "my-private-model" and unknown["upstream"] == "deepseek"
+    assert unknown["cost_usd"] is None and unknown["cost_known"] is False
+    code, usage = await get_json(http, proxy.url + "/api/usage?group=model")
+    by_model = {r["key"]: r for r in usage["rows"]}
+    assert by_model["my-private-model"]["unpriced_requests"] == 1
+    assert by_model["gpt-4o-mini"]["cost_usd"] == pytest.approx(known["cost_usd"], abs=1e-6)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_without_include_usage_still_records_exact_usage(start_proxy, http):
+    proxy = await start_proxy()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, stream=True))
+    assert b'"choices": []' not in body
+    [row] = await rows(http, proxy)
+    assert (row["total_tokens"], row["usage_source"]) == (P + C, "upstream")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy, http):
+    proxy = await start_proxy()
+    await eventually(lambda: proxy.service.encodings.ready)
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage", stream=True))
+    [row] = await rows(http, proxy)
+    enc = proxy.service.encodings.for_model("no-usage")
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == len(enc.encode_ordinary(fakeupstream.REPLY))
+    assert row["prompt_tokens"] == 3 + len(enc.encode_ordinary("Say hello")) + 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_abort_records_the_tokens_seen_so_far(start_proxy, http):
+    proxy = await start_proxy()
+    await eventually(lambda: proxy.service.encodings.ready)
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: client.received.count(b"data: ") >= 3)
+    client.transport.abortConnection()
+    assert await proxy.upstream.lost[0] is True
+    await eventually(lambda: proxy.service.ledger.written >= 1)
+    [row] = await rows(http, proxy)
+    assert row["status"] == 499 and row["usage_source"] == "estimated"
+    assert 1 <= row["completion_tokens"] < C
+    assert row["prompt_tokens"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_and_refusals_are_rows_too(start_proxy, http):
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="fail-500"))
+    await http.request("POST", proxy.v1 + "/chat/completions", data=b"{", headers={b"content-type": [b"application/json"]})
+    got = await rows(http, proxy)
+    assert [r["status"] for r in got] == [400, 500]
+    assert all(r["total_tokens"] == 0 and r["cost_usd"] == 0 for r in got)
+    assert (await rows(http, proxy, status=500))[0]["model"] == "fail-500"
+
+
+@pytest_twisted.ensureDeferred
+async def test_200_concurrent_requests_are_200_rows_and_survive_a_restart(start_proxy, http, tmp_path):
+    db = str(tmp_path / "restart.db")
+    proxy = await start_proxy(db=db)
+    results = await DeferredList(
+        [Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": f"u{i % 7}"})) for i in range(200)],
+        fireOnOneErrback=True,
+    )
+    ids = {int(r[0].headers.getRawHeaders(b"x-greyfox-request-id")[0]) for ok, r in results}
+    assert len(ids) == 200
+    await proxy.stop()
+    again = await start_proxy(db=db)
+    seen = []
+    before = ""
+    while True:
+        code, page = await get_json(http, f"{again.url}/api/requests?limit=70{before}")
+        seen += [r["id"] for r in page["requests"]]
+        if page["next"] is None:
+            break
+        before = f"&before={page['next']}"
+    assert set(seen) == ids and len(seen) == 200
+    code, usage = await get_json(http, again.url + "/api/usage?group=user")
+    assert sum(r["requests"] for r in usage["rows"]) == 200
+    assert sum(r["total_tokens"] for r in usage["rows"]) == 200 * (P + C)
+    # New ids continue after the old ones.
+    response, _ = await post_json(http, again.v1 + "/chat/completions", CHAT)
+    assert int(response.headers.getRawHeaders(b"x-greyfox-request-id")[0]) > max(ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_failure_degrades_health_but_loses_nothing(start_proxy, http):
+    proxy = await start_proxy()
+    ledger = proxy.service.ledger
+    working = ledger._run
+    ledger._run = lambda *a: fail(OSError("database is locked"))
+    for _ in range(3):
+        response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+        assert response.code == 200 and json.loads(body)["choices"]
+    await eventually(lambda: ledger.degraded is not None)
+    code, health = await get_json(http, proxy.url + "/healthz")
+    assert code == 503 and health["status"] == "degraded" and "locked" in health["reason"]
+    ledger._run = working
+    await eventually(lambda: ledger.degraded is None and ledger.pending == 0, timeout=10)
+    code, health = await get_json(http, proxy.url + "/healthz")
+    assert code == 200
+    assert len(await rows(http, proxy)) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_groups_and_date_range(start_proxy, http):
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": "alice"})
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": "bob"})
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="deepseek/deepseek-chat"), {"x-app-user-id": "bob"})
+    code, doc = await get_json(http, proxy.url + "/api/usage")
+    assert doc["group"] == "user"
+    assert {r["key"]: r["requests"] for r in doc["rows"]} == {"alice": 1, "bob": 2}
+    code, doc = await get_json(http, proxy.url + "/api/usage?group=upstream")
+    assert {r["key"]: r["total_tokens"] for r in doc["rows"]} == {"openai": 2 * (P + C), "deepseek": P + C}
+    code, doc = await get_json(http, proxy.url + "/api/usage?group=day")
+    assert len(doc["rows"]) == 1 and doc["rows"][0]["requests"] == 3
+    code, doc = await get_json(http, proxy.url + "/api/usage?from=2000-01-01&to=2000-01-02")
+    assert doc["rows"] == []
+    for bad in ("group=colour", "from=yesterday", "from=2026-02-02&to=2026-02-01"):
+        code, doc = await get_json(http, proxy.url + "/api/usage?" + bad)
+        assert code == 400 and doc["error"]["type"] == "invalid_request_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_metrics_and_admin_token(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_ADMIN_TOKEN="gf-admin")
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    for path in ("/api/status", "/api/usage", "/api/requests", "/metrics", "/api/nothing"):
+        response = await http.get(proxy.url + path)
+        assert response.code == 401, path
+        await response.content()
+    auth = {b"authorization": [b"Bearer gf-admin"]}
+    response = await http.get(proxy.url + "/api/status", headers=auth)
+    status = json.loads(await response.content())
+    assert status["mode"] == "record" and status["db"]["size_bytes"] > 0
+    assert {u["name"] for u in status["upstreams"]} == {"openai", "deepseek", "openrouter"}
+    response = await http.get(proxy.url + "/metrics", headers=auth)
+    text = (await response.content()).decode()
+    assert 'greyfox_requests_total{cache="NONE",status_class="2xx",upstream="openai"} 1.0' in text
+    response = await http.get(proxy.url + "/healthz")
+    assert response.code == 200

@@ -1,0 +1,73 @@
+"""Routing and header rules, without a reactor."""
+
+from greyfox._config import Upstream
+from greyfox._routing import request_headers, resolve, response_headers, upstream_authorization, upstream_url
+
+UPSTREAMS = {
+    "openai": Upstream("openai", "https://api.openai.com/v1", "sk-o"),
+    "deepseek": Upstream("deepseek", "https://api.deepseek.com/v1", "sk-d"),
+    "openrouter": Upstream("openrouter", "https://openrouter.ai/api/v1"),
+}
+
+
+def test_prefix_picks_the_upstream_and_is_removed():
+    r = resolve("deepseek/deepseek-chat", UPSTREAMS, "openai")
+    assert (r.upstream.name, r.model, r.prefixed) == ("deepseek", "deepseek-chat", True)
+    r = resolve("openrouter/anthropic/claude-sonnet-4", UPSTREAMS, "openai")
+    assert (r.upstream.name, r.model) == ("openrouter", "anthropic/claude-sonnet-4")
+
+
+def test_unknown_prefix_and_plain_names_go_to_the_default():
+    assert resolve("anthropic/claude", UPSTREAMS, "openrouter").model == "anthropic/claude"
+    assert resolve("anthropic/claude", UPSTREAMS, "openrouter").upstream.name == "openrouter"
+    assert resolve("gpt-4o", UPSTREAMS, "openai").upstream.name == "openai"
+    assert resolve(None, UPSTREAMS, "openai").model is None
+    assert resolve("deepseek/", UPSTREAMS, "openai").upstream.name == "openai"
+
+
+def test_hop_by_hop_credentials_and_connection_named_headers_are_not_forwarded():
+    out = dict(
+        request_headers(
+            [
+                (b"Connection", [b"keep-alive, X-Secret-Hop"]),
+                (b"X-Secret-Hop", [b"1"]),
+                (b"Authorization", [b"Bearer client"]),
+                (b"Cookie", [b"a=b"]),
+                (b"Host", [b"localhost:8080"]),
+                (b"Content-Length", [b"12"]),
+                (b"Transfer-Encoding", [b"chunked"]),
+                (b"Accept-Encoding", [b"br"]),
+                (b"X-GreyFox-Cache", [b"bypass"]),
+                (b"X-App-User-Id", [b"alice"]),
+                (b"OpenAI-Organization", [b"org-1"]),
+                (b"Content-Type", [b"application/json"]),
+            ]
+        )
+    )
+    assert out == {b"OpenAI-Organization": [b"org-1"], b"Content-Type": [b"application/json"]}
+
+
+def test_response_headers_drop_framing_and_cookies():
+    out = dict(
+        response_headers(
+            [
+                (b"Content-Length", [b"5"]),
+                (b"Content-Encoding", [b"gzip"]),
+                (b"Set-Cookie", [b"x=y"]),
+                (b"x-request-id", [b"req_1"]),
+                (b"openai-processing-ms", [b"12"]),
+            ]
+        )
+    )
+    assert out == {b"x-request-id": [b"req_1"], b"openai-processing-ms": [b"12"]}
+
+
+def test_authorization_rules():
+    assert upstream_authorization(UPSTREAMS["openai"], b"Bearer c", False) == b"Bearer sk-o"
+    assert upstream_authorization(UPSTREAMS["openrouter"], b"Bearer c", False) == b"Bearer c"
+    assert upstream_authorization(UPSTREAMS["openrouter"], b"Bearer gf", True) is None
+
+
+def test_url_joins_base_path_and_query():
+    assert upstream_url(UPSTREAMS["openrouter"], b"/chat/completions") == "https://openrouter.ai/api/v1/chat/completions"
+    assert upstream_url(UPSTREAMS["openai"], b"/models", b"limit=2") == "https://api.openai.com/v1/models?limit=2"

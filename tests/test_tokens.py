@@ -1,0 +1,83 @@
+"""Token counting: offline encodings and an exact incremental counter."""
+
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from greyfox._tokens import IncrementalCounter, encoding_name_for, estimate_prompt_tokens, load_encodings
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def encodings(tmp_path_factory):
+    return load_encodings(str(tmp_path_factory.mktemp("tiktoken")))
+
+
+def test_encodings_load_offline_from_the_package(encodings):
+    # The machine has no network: this only passes because the files ship with GreyFox.
+    assert encodings["cl100k_base"].n_vocab == 100277
+    assert encodings["o200k_base"].encode_ordinary("hello world") == [24912, 2375]
+
+
+def test_encoding_per_model():
+    assert encoding_name_for("gpt-4o-mini") == "o200k_base"
+    assert encoding_name_for("gpt-4.1-nano") == "o200k_base"
+    assert encoding_name_for("gpt-5") == "o200k_base"
+    assert encoding_name_for("o3-mini") == "o200k_base"
+    assert encoding_name_for("openai/gpt-4o") == "o200k_base"
+    assert encoding_name_for("gpt-3.5-turbo") == "cl100k_base"
+    assert encoding_name_for("text-embedding-3-small") == "cl100k_base"
+    assert encoding_name_for("deepseek-chat") == "cl100k_base"
+
+
+texts = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(list(" \n\t\r'.,!?-_:;0123456789")),
+        st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    ),
+    max_size=300,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts, cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=40), name=st.sampled_from(["cl100k_base", "o200k_base"]))
+def test_incremental_count_equals_the_joined_count_for_any_chunking(encodings, text, cuts, name):
+    enc = encodings[name]
+    cuts = sorted({c for c in cuts if c <= len(text)})
+    counter = IncrementalCounter(enc)
+    for a, b in zip([0] + cuts, cuts + [len(text)]):
+        counter.feed(text[a:b])
+    assert counter.total == len(enc.encode_ordinary(text))
+
+
+def test_incremental_count_on_the_corpus_in_small_chunks(encodings):
+    with open(CORPUS, encoding="utf-8") as f:
+        text = f.read()
+    for enc in encodings.values():
+        counter = IncrementalCounter(enc)
+        for i in range(0, len(text), 5):
+            counter.feed(text[i : i + 5])
+        assert counter.total == len(enc.encode_ordinary(text))
+
+
+def test_special_token_text_is_counted_as_text(encodings):
+    enc = encodings["cl100k_base"]
+    counter = IncrementalCounter(enc)
+    counter.feed("say <|endoftext|> now")
+    assert counter.total == len(enc.encode_ordinary("say <|endoftext|> now"))
+
+
+def test_without_an_encoding_the_count_is_rough_but_not_zero():
+    counter = IncrementalCounter(None)
+    counter.feed("x" * 40)
+    assert counter.total == 10
+
+
+def test_prompt_estimate_for_chat_matches_openai_accounting(encodings):
+    enc = encodings["o200k_base"]
+    body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]}
+    expected = 3 + len(enc.encode_ordinary("Be brief.")) + 3 + len(enc.encode_ordinary("Hello there")) + 3
+    assert estimate_prompt_tokens(enc, body) == expected
+    assert estimate_prompt_tokens(enc, {"input": ["a b", "c"]}) == len(enc.encode_ordinary("a b")) + 1

@@ -1,0 +1,49 @@
+"""Reading usage from every API shape; the stream meter."""
+
+import json
+
+from greyfox._sse import Event, SSEParser
+from greyfox._tokens import IncrementalCounter
+from greyfox._usage import StreamMeter, Usage, parse_usage, usage_from_body
+
+
+def test_usage_shapes():
+    assert parse_usage({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                        "prompt_tokens_details": {"cached_tokens": 2}}) == Usage(5, 7, 2)
+    assert parse_usage({"prompt_tokens": 5, "total_tokens": 5}) == Usage(5, 0)  # embeddings
+    assert parse_usage({"input_tokens": 3, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}) == Usage(3, 4, 1)
+    assert parse_usage({"prompt_tokens": 9, "completion_tokens": 1, "prompt_cache_hit_tokens": 8}) == Usage(9, 1, 8)
+    assert parse_usage(None) is None and parse_usage({"foo": 1}) is None
+
+
+def test_usage_from_bodies():
+    assert usage_from_body(json.dumps({"object": "response", "usage": {"input_tokens": 1, "output_tokens": 2}}).encode()) == Usage(1, 2)
+    assert usage_from_body(b"not json") is None
+    assert usage_from_body(b"[]") is None
+
+
+def chunk(doc):
+    return Event(b"data: " + json.dumps(doc).encode() + b"\n\n", None, json.dumps(doc))
+
+
+def test_meter_takes_usage_and_strips_only_the_usage_only_chunk():
+    meter = StreamMeter(IncrementalCounter(None), strip_usage_chunk=True)
+    assert meter.on_event(chunk({"choices": [{"delta": {"content": "abcd"}}], "usage": None}))
+    assert not meter.on_event(chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
+    assert meter.on_event(Event(b"data: [DONE]\n\n", None, "[DONE]"))
+    assert meter.usage == Usage(3, 1) and meter.done
+
+
+def test_meter_keeps_the_usage_chunk_when_the_client_asked():
+    meter = StreamMeter(IncrementalCounter(None), strip_usage_chunk=False)
+    assert meter.on_event(chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
+
+
+def test_meter_counts_text_of_every_api_shape():
+    meter = StreamMeter(IncrementalCounter(None))
+    meter.on_event(chunk({"choices": [{"delta": {"content": "aaaa", "tool_calls": [{"function": {"arguments": "bbbb"}}]}}]}))
+    meter.on_event(chunk({"choices": [{"text": "cccc"}]}))
+    meter.on_event(chunk({"type": "response.output_text.delta", "delta": "dddd"}))
+    assert meter.counter.total == 4
+    meter.on_event(chunk({"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 5}}}))
+    assert meter.usage == Usage(2, 5) and meter.done

@@ -41,12 +41,12 @@ class Upstream:
 
 
 def _int(raw: Any) -> int:
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or isinstance(raw, float):
         raise ValueError("not a whole number")
-    if isinstance(raw, int):
-        value = raw
-    else:
-        value = int(str(raw).strip())
+    try:
+        value = raw if isinstance(raw, int) else int(str(raw).strip())
+    except ValueError:
+        raise ValueError("not a whole number") from None
     if value < 0:
         raise ValueError("must not be negative")
     return value
@@ -55,7 +55,10 @@ def _int(raw: Any) -> int:
 def _float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError("not a number")
-    value = float(raw if isinstance(raw, (int, float)) else str(raw).strip())
+    try:
+        value = float(raw if isinstance(raw, (int, float)) else str(raw).strip())
+    except ValueError:
+        raise ValueError("not a number") from None
     if value != value or value < 0 or value == float("inf"):
         raise ValueError("must be a finite number >= 0")
     return value
@@ -91,6 +94,19 @@ def _str(raw: Any) -> str:
     return str(raw)
 
 
+def _endpoint(raw: Any) -> str:
+    """A strports server description, checked for syntax without binding."""
+    from twisted.internet import endpoints
+    from twisted.internet.testing import MemoryReactor
+
+    value = str(raw).strip()
+    try:
+        endpoints.serverFromString(MemoryReactor(), value)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a strports endpoint: {e}") from None
+    return value
+
+
 def _optional_str(raw: Any) -> str | None:
     value = str(raw)
     return value or None
@@ -107,7 +123,7 @@ class _Spec:
 
 # One row per setting of SPEC §1; command-line options are generated from it.
 SPECS: tuple[_Spec, ...] = (
-    _Spec("listen", "GREYFOX_LISTEN", _str, "tcp:8080:interface=127.0.0.1", "listen endpoint (Twisted strports syntax)"),
+    _Spec("listen", "GREYFOX_LISTEN", _endpoint, "tcp:8080:interface=127.0.0.1", "listen endpoint (Twisted strports syntax)"),
     _Spec("db", "GREYFOX_DB", _str, "./data/greyfox.db", "SQLite database path (directory created)"),
     _Spec("mode", "GREYFOX_MODE", _mode, "record", "record | replay (cache only) | passthrough (no cache)"),
     _Spec("daily_tokens", "GREYFOX_DAILY_TOKENS", _int, 0, "per-user daily token limit, 0 = unlimited"),
@@ -170,8 +186,14 @@ class Settings:
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
-    def listens_beyond_loopback(self) -> bool:
-        return not is_loopback_endpoint(self.listen)
+    def exposure_warning(self) -> str | None:
+        """The start-up warning for a port anyone may reach with no client token."""
+        if is_loopback_endpoint(self.listen) or self.client_token is not None:
+            return None
+        return (
+            f"WARNING: listening on {self.listen} beyond loopback with no GREYFOX_CLIENT_TOKEN: "
+            "anyone who can reach this port can spend your upstream keys."
+        )
 
 
 def is_loopback_endpoint(description: str) -> bool:

@@ -9,6 +9,7 @@ Functions named ``*_txn`` run in the pool's thread with a cursor.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from typing import Any, Callable, Iterable, Sequence
@@ -76,6 +77,38 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
+def spill_path(db_path: str) -> str:
+    return db_path + ".unsaved.jsonl"
+
+
+def spill(db_path: str, rows: Sequence[LedgerRow]) -> str:
+    """Append rows the database would not take to a side file (at shutdown only)."""
+    path = spill_path(db_path)
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(attr.asdict(r)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
+    """Insert the rows a previous run spilled, then remove the side file."""
+    path = spill_path(db_path)
+    if not os.path.exists(path):
+        return 0
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(LedgerRow(**json.loads(line)))
+    with conn:
+        insert_rows_txn(conn, rows)
+    os.remove(path)
+    log.info("ledger: recovered {n} rows spilled by the last shutdown", n=len(rows))
+    return len(rows)
+
+
 def prepare_database(path: str) -> int:
     """Create the file and its directory, migrate, return the highest ledger id.
 
@@ -87,6 +120,7 @@ def prepare_database(path: str) -> int:
     try:
         _pragmas(conn)
         migrate(conn)
+        _recover_spill(conn, path)
         return conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
     finally:
         conn.close()
@@ -182,7 +216,16 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Rows not yet committed (queued or being written)."""
+        return self._recorded - self._committed
+
+    @property
+    def writing(self) -> bool:
+        return self._writing
+
+    @property
+    def busy(self) -> bool:
+        return self.pending > 0
 
     def record(self, row: LedgerRow) -> None:
         """Queue a row for the next batch.  Never blocks, never raises."""
@@ -200,6 +243,11 @@ class Ledger:
         self._waiters.append((self._recorded, d))
         self._schedule(0)
         return d
+
+    def take_all(self) -> list[LedgerRow]:
+        """Remove and return every queued row (for the shutdown spill)."""
+        rows, self._queue = self._queue, []
+        return rows
 
     def _schedule(self, delay: float) -> None:
         if self._scheduled is None and not self._writing:

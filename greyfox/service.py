@@ -10,11 +10,14 @@ the pools.
 from __future__ import annotations
 
 import os
+import sys
 from http.cookiejar import CookieJar
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +31,7 @@ from ._config import Settings
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
-from ._store import Ledger, make_pool, prepare_database
+from ._store import Ledger, make_pool, prepare_database, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -65,7 +68,11 @@ class _Listener(Service):
         outcome: list[Any] = []
         endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
+            failure = outcome[0]
+            if failure.check(CannotListenError):
+                sys.stderr.write(f"greyfox: GREYFOX_LISTEN: cannot listen on {self.description!r}: {failure.value.socketError}\n")
+                raise SystemExit(1)
+            failure.raiseException()
         self.port = outcome[0] if outcome else None
 
     def stopService(self) -> Any:
@@ -160,12 +167,9 @@ class GreyFoxService(MultiService):
             for u in s.upstreams.values()
         )
         log.info("GreyFox starting: mode={mode}, db={db}, upstreams: {upstreams}", mode=s.mode, db=s.db, upstreams=upstreams)
-        if s.listens_beyond_loopback() and s.client_token is None:
-            log.warn(
-                "WARNING: listening on {listen} beyond loopback with no GREYFOX_CLIENT_TOKEN: "
-                "anyone who can reach this port can spend your upstream keys.",
-                listen=s.listen,
-            )
+        warning = s.exposure_warning()
+        if warning:
+            log.warn("{warning}", warning=warning)
         super().startService()
         if self.load_tokenizers:
             cache_dir = os.path.join(os.path.dirname(os.path.abspath(s.db)), "tiktoken")
@@ -186,10 +190,20 @@ class GreyFoxService(MultiService):
             yield waiting
             if timer.active():
                 timer.cancel()
-        while self.ledger.pending:
-            if self.ledger.degraded is not None:
-                log.error("shutting down with {n} ledger rows the database would not take", n=self.ledger.pending)
-                break
-            yield self.ledger.flush()
+        # Give a failing database a few seconds, then keep the rows in a side
+        # file that the next start inserts: nothing recorded is lost.
+        deadline = self.reactor.seconds() + 5
+        while self.ledger.busy and (self.ledger.degraded is None or self.reactor.seconds() < deadline):
+            yield deferLater(self.reactor, 0.02, lambda: None)
+        while self.ledger.writing:  # let the last attempt finish, whatever it does
+            yield deferLater(self.reactor, 0.02, lambda: None)
+        if self.ledger.pending:
+            rows = self.ledger.take_all()
+            try:
+                path = spill(self.settings.db, rows)
+                log.warn("database not writable at shutdown: {n} ledger rows kept in {path}, inserted at next start",
+                         n=len(rows), path=path)
+            except OSError as e:
+                log.error("LOST {n} ledger rows: database and side file both failed ({e})", n=len(rows), e=e)
         yield self.http_pool.closeCachedConnections()
         self.dbpool.close()

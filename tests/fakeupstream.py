@@ -132,9 +132,17 @@ class FakeUpstream(Resource):
         self.lost.append(lost)
         request.notifyFinish().addCallbacks(lambda _: lost.callback(False), lambda _: lost.callback(True))
         if self.delay:
-            global_reactor.callLater(self.delay, self._answer, request, path, body)
+            global_reactor.callLater(self.delay, self._answer_later, request, path, body)
             return NOT_DONE_YET
         return self._answer(request, path, body)
+
+    def _answer_later(self, request: Any, path: str, body: Any) -> None:
+        if request.finished or request._disconnected:
+            return
+        result = self._answer(request, path, body)
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
 
     def _answer(self, request: Any, path: str, body: Any) -> Any:
         model = body.get("model", "") if isinstance(body, dict) else ""

@@ -75,3 +75,10 @@ def test_loopback_detection():
     assert is_loopback_endpoint("unix:/tmp/gf.sock")
     assert not is_loopback_endpoint("tcp:8080")
     assert not is_loopback_endpoint("tcp:8080:interface=0.0.0.0")
+
+
+def test_exposed_port_without_client_token_warns():
+    assert load_settings({"listen": "tcp:8080:interface=0.0.0.0"}, {}).exposure_warning().startswith("WARNING")
+    assert load_settings({"listen": "tcp:8080"}, {}).exposure_warning() is not None
+    assert load_settings({"listen": "tcp:8080"}, {"GREYFOX_CLIENT_TOKEN": "t"}).exposure_warning() is None
+    assert load_settings({}, {}).exposure_warning() is None

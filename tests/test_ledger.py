@@ -209,3 +209,18 @@ async def test_status_metrics_and_admin_token(start_proxy, http):
     assert 'greyfox_requests_total{cache="NONE",status_class="2xx",upstream="openai"} 1.0' in text
     response = await http.get(proxy.url + "/healthz")
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_the_database_refuses_at_shutdown_are_kept_and_inserted_at_next_start(start_proxy, http, tmp_path):
+    db = str(tmp_path / "spill.db")
+    proxy = await start_proxy(db=db)
+    ledger = proxy.service.ledger
+    ledger._run = lambda *a: fail(OSError("disk I/O error"))
+    for _ in range(2):
+        await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    await proxy.stop()
+    assert (tmp_path / "spill.db.unsaved.jsonl").exists()
+    again = await start_proxy(db=db)
+    assert len(await rows(http, again)) == 2
+    assert not (tmp_path / "spill.db.unsaved.jsonl").exists()

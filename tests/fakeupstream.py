@@ -169,7 +169,14 @@ class FakeUpstream(Resource):
 
     def _json(self, request: Any, doc: Any, code: int = 200) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(doc).encode()
+        body = json.dumps(doc).encode()
+        accepts = request.getHeader(b"accept-encoding") or b""
+        if isinstance(doc, dict) and doc.get("model") == "gzip" and b"gzip" in accepts:
+            import gzip
+
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip.compress(body)
+        return body
 
     # -- chat --
 

@@ -345,3 +345,18 @@ async def test_no_key_in_logs_or_database(start_proxy, http, tmp_path):
         for f in tmp_path.iterdir():
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_from_the_upstream_is_decoded_and_host_is_the_upstreams(start_proxy, http):
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, dict(CHAT, model="gzip")))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await _wait(client.closed, 5)
+    head, _, body = client.received.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and b"content-encoding" not in head.lower()
+    assert b'"prompt_tokens": 13' in body  # plain JSON (chunk-framed), not gzip
+    [seen] = proxy.upstream.received
+    assert seen.header("host") == f"127.0.0.1:{proxy.upstream.port.getHost().port}"
+    assert "gzip" in seen.header("accept-encoding")

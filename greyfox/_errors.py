@@ -76,3 +76,15 @@ def bad_gateway(message: str) -> ApiError:
 
 def gateway_timeout(message: str) -> ApiError:
     return ApiError(504, message, "upstream_error", "upstream_timeout")
+
+
+def cache_miss(key: str | None, why: str = "") -> ApiError:
+    detail = f" ({why})" if why else ""
+    return ApiError(
+        404,
+        "No cached answer for this request and replay mode never calls the upstream"
+        f"{detail}. Record it first (GREYFOX_MODE=record) or import a cassette.",
+        "cache_miss",
+        "cache_miss",
+        extra=(("key", key),),
+    )

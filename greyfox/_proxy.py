@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_proxy -*-
-"""The request path: parse -> route -> admit -> cache -> forward -> relay -> settle.
+"""The request path: parse -> route -> cache -> admit -> forward -> relay -> settle.
 
-Each stage is a method with one job, so the ledger, cache and quota plug in
-without the path being rewritten.  Nothing here waits on the database: the
-ledger row is queued at the end (:meth:`Proxy.settle`).
+Each stage is a method with one job.  Forward and relay belong to a
+:class:`~greyfox._flight.Flight`, which identical requests share.  Nothing
+here waits on the database before the upstream is called: the ledger row is
+queued at the end (:meth:`Proxy.settle`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from . import _errors as errors
 from ._config import Settings
 from ._errors import ApiError
 from ._pricing import PriceTable
-from ._relay import BodyPump, ClientGone, PassThrough, StreamIdle
-from ._routing import Route, bearer, request_headers, resolve, response_headers, upstream_authorization, upstream_url
-from ._sse import SSEParser
+from ._cache import Cache
+from ._cachekey import SHARED, cache_key, credential_scope
+from ._flight import Flight, _describe as describe
+from ._routing import Route, bearer, request_headers, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
-from ._tokens import IncrementalCounter, estimate_prompt_tokens
-from ._usage import StreamMeter, Usage, usage_from_body
+from ._usage import Usage
 
 log = Logger()
 
@@ -39,8 +40,6 @@ log = Logger()
 JSON_ENDPOINTS = frozenset({b"/chat/completions", b"/completions", b"/embeddings", b"/responses"})
 #: Streams for which GreyFox asks the upstream for a usage chunk.
 USAGE_CHUNK_ENDPOINTS = frozenset({b"/chat/completions", b"/completions"})
-#: Non-stream bodies up to this size are kept to read their ``usage``.
-KEEP_BODY_BYTES = 8 * 1024 * 1024
 MAX_USER_ID = 128
 
 
@@ -66,8 +65,16 @@ class Call:
     first_byte: float | None = None
     cache: str = "NONE"
     error: str | None = None
-    counter: IncrementalCounter | None = None
     forward_headers: list[tuple[bytes, list[bytes]]] = attr.Factory(list)
+    # cache plan (see Proxy.plan_cache)
+    key: str | None = None
+    read_scopes: tuple[str, ...] = ()
+    write_scope: str = SHARED
+    lookup: bool = False
+    store: bool = False
+    replay: bool = False
+    wants_usage_chunk: bool = False
+    flight: Any = None
 
     @property
     def endpoint(self) -> str:
@@ -80,27 +87,6 @@ class Call:
         if self.doc is not None and isinstance(self.doc.get("model"), str):
             return self.doc["model"]
         return None
-
-
-class SSEFilter:
-    """Relays complete SSE events, minus those the meter holds back."""
-
-    def __init__(self, meter: StreamMeter) -> None:
-        self.meter = meter
-        self.parser = SSEParser()
-
-    def feed(self, data: bytes) -> bytes:
-        events = self.parser.feed(data)
-        if not events:
-            return b""
-        on_event = self.meter.on_event
-        return b"".join(e.raw for e in events if on_event(e))
-
-    def finish(self) -> bytes:
-        tail = self.parser.flush()
-        if tail is not None and self.meter.on_event(tail):
-            return tail.raw
-        return b""
 
 
 def valid_user(value: str) -> bool:
@@ -122,6 +108,8 @@ class Proxy:
         clock: IReactorTime,
         ledger: Ledger,
         prices: PriceTable,
+        cache: Cache,
+        secret: bytes,
         encoding_for: Callable[[str], Any] = lambda model: None,
         on_settle: Callable[[Call, LedgerRow], None] = lambda call, row: None,
     ) -> None:
@@ -130,10 +118,13 @@ class Proxy:
         self.clock = clock
         self.ledger = ledger
         self.prices = prices
+        self.cache = cache
+        self.secret = secret
         self.encoding_for = encoding_for
         self.on_settle = on_settle
         self.tz = ZoneInfo(settings.tz)
         self.in_flight: set[Deferred[Any]] = set()
+        self.flights: dict[str, Flight] = {}
 
     # -- the pipeline --
 
@@ -150,9 +141,19 @@ class Proxy:
         try:
             self.parse(call, request)
             self.route(call)
-            self.admit(call)
-            response = await self.forward(call)
-            await self.relay(call, response, request)
+            self.plan_cache(call, request)
+            if call.lookup and await self.serve_hit(call, request):
+                return b""
+            if call.replay:
+                raise errors.cache_miss(call.key)
+            flight = self.joinable_flight(call)
+            if flight is None:
+                self.admit(call)
+                flight = self.start_flight(call)
+            else:
+                call.cache = "HIT"
+            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
+            await flight.subscribe(request, call).done
             return b""
         except ApiError as e:
             return self.refuse(call, request, e)
@@ -160,7 +161,10 @@ class Proxy:
             call.status, call.error = 499, "client disconnected"
             raise
         finally:
-            self.settle(call)
+            if call.flight is not None:
+                call.flight.settle_after(call)
+            else:
+                self.settle(call)
 
     def parse(self, call: Call, request: IRequest) -> None:
         """Check credentials and the body; nothing reaches the upstream before this passes."""
@@ -236,6 +240,92 @@ class Proxy:
             call.doc = doc
             call.body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
+    def plan_cache(self, call: Call, request: IRequest) -> None:
+        """Decide whether this request may be answered from, or stored in, the cache."""
+        headers = request.requestHeaders
+        mode = self.settings.mode
+        if (headers.getRawHeaders(b"x-greyfox-mode", [b""])[0] or b"").strip().lower() == b"replay":
+            mode = "replay"
+        call.replay = mode == "replay"
+        cacheable = call.method == "POST" and call.subpath in JSON_ENDPOINTS and call.doc is not None
+        if not cacheable or mode == "passthrough":
+            call.cache = "BYPASS"
+            if call.replay and not cacheable:
+                raise errors.cache_miss(None, "only the JSON endpoints are cached")
+            return
+        assert call.route is not None
+        upstream = call.route.upstream
+        call.key = cache_key(upstream.name, call.subpath.decode("latin-1"), call.doc)
+        credential = None
+        if not upstream.has_key and self.settings.client_token is None:
+            credential = call.client_authorization
+        if credential:
+            call.write_scope = credential_scope(self.secret, credential)
+            call.read_scopes = (call.write_scope, SHARED)
+        else:
+            call.write_scope, call.read_scopes = SHARED, (SHARED,)
+        control = (headers.getRawHeaders(b"x-greyfox-cache", [b""])[0] or b"").strip().lower()
+        directives = {
+            d.strip().lower() for v in headers.getRawHeaders(b"cache-control", []) for d in v.split(b",")
+        }
+        if control == b"bypass":
+            call.cache = "BYPASS"
+        elif control == b"refresh" or b"no-cache" in directives:
+            call.cache, call.store = "REFRESH", True
+        else:
+            call.cache, call.lookup, call.store = "MISS", True, True
+        if b"no-store" in directives:
+            call.store = False
+        if call.replay:
+            call.lookup, call.store = True, False
+        options = call.doc.get("stream_options") if call.doc is not None else None
+        call.wants_usage_chunk = isinstance(options, dict) and bool(options.get("include_usage"))
+        if call.strip_usage_chunk:  # route() asked for it on the client's behalf
+            call.wants_usage_chunk = False
+
+    async def serve_hit(self, call: Call, request: IRequest) -> bool:
+        """Answer from the cache if there is a valid entry; whether it did."""
+        assert call.key is not None
+        entry = self.cache.lookup(call.key, call.read_scopes)
+        if entry is None:
+            return False
+        body = await self.cache.body(entry)
+        if body is None:
+            return False
+        data = body.for_client(call.wants_usage_chunk)
+        now = self.clock.seconds()
+        call.cache, call.status, call.first_byte = "HIT", 200, now
+        call.usage, call.usage_source = entry.usage, "upstream"
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", entry.content_type.encode("latin-1"))
+        request.setHeader(b"X-GreyFox-Cache", b"HIT")
+        request.setHeader(b"Age", str(max(0, int(now - entry.created))).encode())
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.write(data)
+        return True
+
+    def joinable_flight(self, call: Call) -> Flight | None:
+        """An identical request already in the air that this one may share."""
+        if not call.lookup or call.key is None:
+            return None
+        for scope in call.read_scopes:
+            flight = self.flights.get(f"{scope}:{call.key}")
+            if flight is not None and flight.joinable:
+                return flight
+        return None
+
+    def start_flight(self, call: Call) -> Flight:
+        entry_id = f"{call.write_scope}:{call.key}" if call.key is not None else None
+        flight = Flight(self, call, entry_id, store=call.store)
+        if entry_id is not None and call.lookup:
+            self.flights[entry_id] = flight
+        flight.start()
+        return flight
+
+    def flight_ended(self, flight: Flight) -> None:
+        if flight.entry_id is not None and self.flights.get(flight.entry_id) is flight:
+            del self.flights[flight.entry_id]
+
     def admit(self, call: Call) -> None:
         """Quota admission (reserve before the upstream is paid).  No limits yet."""
 
@@ -285,74 +375,17 @@ class Proxy:
                     f"Upstream {upstream.name!r} sent no response headers within "
                     f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
                 ) from None
-            raise errors.bad_gateway(f"Upstream {upstream.name!r} is unreachable: {_describe(e)}") from None
+            raise errors.bad_gateway(f"Upstream {upstream.name!r} is unreachable: {describe(e)}") from None
         finally:
             if timer.active():
                 timer.cancel()
-
-    async def relay(self, call: Call, response: Any, request: IRequest) -> None:
-        """Copy status, headers and body to the client as they arrive."""
-        call.status = response.code
-        request.setResponseCode(response.code)
-        for name, values in response_headers(response.headers.getAllRawHeaders()):
-            request.responseHeaders.setRawHeaders(name, values)
-        content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
-        enc = self.encoding_for(call.model or "")
-        call.counter = IncrementalCounter(enc)
-        meter: StreamMeter | None = None
-        body: PassThrough | None = None
-        if content_type.startswith(b"text/event-stream"):
-            meter = StreamMeter(call.counter, call.strip_usage_chunk)
-            chunk_filter: Any = SSEFilter(meter)
-        else:
-            body = PassThrough(keep=KEEP_BODY_BYTES if b"json" in content_type else 0)
-            chunk_filter = body
-
-        def first_byte() -> None:
-            call.first_byte = self.clock.seconds()
-
-        pump = BodyPump(request, chunk_filter, self.clock, self.settings.stream_idle_timeout, first_byte)
-        response.deliverBody(pump)
-        try:
-            await pump.done
-        except StreamIdle:
-            call.error = f"stream idle for {self.settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
-            log.info("request {id}: {error}; stream ended", id=call.id, error=call.error)
-        except ClientGone:
-            call.status, call.error = 499, "client disconnected"
-            raise CancelledError() from None
-        except ResponseFailed as e:
-            call.error = f"upstream dropped the response: {_describe(e)}"
-            log.info("request {id}: {error}", id=call.id, error=call.error)
-        finally:
-            self._take_usage(call, meter, body)
-
-    def _take_usage(self, call: Call, meter: StreamMeter | None, body: PassThrough | None) -> None:
-        """The upstream's usage if it sent one; otherwise our own count."""
-        if meter is not None and meter.usage is not None:
-            call.usage, call.usage_source = meter.usage, "upstream"
-            return
-        if body is not None:
-            kept = body.kept()
-            usage = usage_from_body(kept) if kept else None
-            if usage is not None:
-                call.usage, call.usage_source = usage, "upstream"
-                return
-            if call.status >= 400 or not kept:
-                return
-            _feed_completion_text(call, kept)
-        if call.doc is None or call.counter is None or call.status >= 400:
-            return
-        if meter is None and call.counter.total == 0 and call.subpath != b"/embeddings":
-            return
-        enc = self.encoding_for(call.model or "")
-        call.usage = Usage(estimate_prompt_tokens(enc, call.doc), call.counter.total)
-        call.usage_source = "estimated"
 
     def refuse(self, call: Call, request: IRequest, error: ApiError) -> bytes:
         """Answer with GreyFox's own OpenAI-shaped error."""
         call.status = error.status
         call.error = error.message
+        if call.key is not None:
+            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
         request.setResponseCode(error.status)
         request.setHeader(b"content-type", b"application/json")
         for name, value in error.headers:
@@ -366,10 +399,10 @@ class Proxy:
         now = self.clock.seconds()
         usage = call.usage or Usage()
         model = call.model
-        if call.usage is None:
-            cost: float | None = 0.0
-        else:
-            cost = self.prices.cost(model or "", usage)
+        cost: float | None = 0.0 if call.usage is None else self.prices.cost(model or "", usage)
+        saved_tokens, saved_usd = 0, 0.0
+        if call.cache == "HIT":
+            saved_tokens, saved_usd, cost = usage.total_tokens, cost or 0.0, 0.0
         row = LedgerRow(
             id=call.id,
             ts=call.started,
@@ -386,6 +419,8 @@ class Proxy:
             total_tokens=usage.total_tokens,
             cost_usd=cost,
             cache=call.cache,
+            saved_tokens=saved_tokens,
+            saved_usd=saved_usd,
             latency_ms=round((now - call.started) * 1000, 3),
             ttfb_ms=round(((call.first_byte or now) - call.started) * 1000, 3),
             usage_source=call.usage_source,
@@ -398,24 +433,6 @@ class Proxy:
         return datetime.fromtimestamp(ts, self.tz).date().isoformat()
 
 
-def _feed_completion_text(call: Call, body: bytes) -> None:
-    """Count the generated text of a JSON answer that came without ``usage``."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return
-    choices = doc.get("choices") if isinstance(doc, dict) else None
-    if not isinstance(choices, list) or call.counter is None:
-        return
-    for choice in choices:
-        if isinstance(choice, dict):
-            if isinstance(choice.get("text"), str):
-                call.counter.feed(choice["text"])
-            message = choice.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                call.counter.feed(message["content"])
-
-
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
@@ -425,12 +442,3 @@ def _same(a: bytes, b: bytes) -> bool:
     import hmac
 
     return hmac.compare_digest(a, b)
-
-
-def _describe(e: BaseException) -> str:
-    """A short reason, without tracebacks; unwraps twisted.web's failure lists."""
-    reasons = getattr(e, "reasons", None)
-    if reasons:
-        return "; ".join(_describe(r.value) for r in reasons)
-    text = str(e) or type(e).__name__
-    return text.splitlines()[0][:200]

@@ -1,16 +1,20 @@
 # -*- test-case-name: tests.test_relay -*-
-"""The one streaming primitive: upstream body -> filter -> client, with back-pressure.
+"""The one streaming primitive: upstream body -> fan-out -> clients, with back-pressure.
 
-:class:`BodyPump` is both the upstream response's body protocol and a push
-producer registered on the client request: when the client's socket fills,
-twisted.web pauses us and we pause the upstream transport.  A watchdog ends a
-relay that moved no byte for ``idle_timeout`` seconds, whether the upstream
-went silent or the client stopped reading.
+:class:`BodyPump` is the upstream response's body protocol and the push
+producer behind every client of that response.  :class:`Fanout` frames the
+bytes (SSE events or plain chunks) once, meters them once, and writes them to
+each :class:`Subscriber` (the client requests waiting on this upstream call:
+one, or several when identical requests are coalesced).  When any client's
+socket is full the upstream transport is paused; when the last client leaves
+the upstream request is aborted.  A watchdog ends a relay that moved no byte
+for ``idle_timeout`` seconds, whether the upstream went silent or the clients
+stopped reading.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol
+from typing import Any, Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -19,40 +23,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from zope.interface import implementer
 
+from ._sse import SSEParser
+from ._usage import StreamMeter
 
-class ChunkFilter(TypingProtocol):
-    """Sees every upstream chunk; returns the bytes the client should get."""
-
-    def feed(self, data: bytes) -> bytes: ...
-
-    def finish(self) -> bytes: ...
-
-
-class PassThrough:
-    """Relays bytes unchanged, keeping up to ``keep`` of them (for the usage)."""
-
-    def __init__(self, keep: int = 0) -> None:
-        self._keep = keep
-        self._parts: list[bytes] = []
-        self._size = 0
-        self.overflowed = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self._keep and not self.overflowed:
-            self._size += len(data)
-            if self._size > self._keep:
-                self.overflowed = True
-                self._parts = []
-            else:
-                self._parts.append(data)
-        return data
-
-    def finish(self) -> bytes:
-        return b""
-
-    def kept(self) -> bytes | None:
-        """The whole body, or ``None`` when it was larger than ``keep``."""
-        return None if self.overflowed else b"".join(self._parts)
+#: One relayed piece: its bytes, and whether it is the usage-only chat chunk.
+Piece = tuple[bytes, bool]
 
 
 class StreamIdle(Exception):
@@ -60,55 +35,44 @@ class StreamIdle(Exception):
 
 
 class ClientGone(Exception):
-    """The client went away; the upstream was told to stop."""
+    """Every client went away; the upstream was told to stop."""
 
 
-class Sink(TypingProtocol):
-    """Where the relayed bytes go (a twisted.web request, in production)."""
+class PumpTarget(TypingProtocol):
+    """Where a :class:`BodyPump` delivers (a :class:`Fanout`, in production)."""
 
-    def write(self, data: bytes) -> None: ...
-
-    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def registerProducer(self, producer: "BodyPump") -> None: ...
 
     def unregisterProducer(self) -> None: ...
+
+    def deliver(self, data: bytes) -> None: ...
 
 
 @implementer(IPushProducer)
 class BodyPump(Protocol):
-    """Relays an upstream body to a client request.
+    """Reads an upstream body into a target, pausing when the target says so.
 
     ``done`` fires with ``None`` when the body ended cleanly, errbacks with
-    :class:`StreamIdle` on a stall or with the transport's failure when the
-    upstream dropped.  Cancelling ``done`` (Klein does it when the client
-    disconnects) aborts the upstream connection at once.
+    :class:`StreamIdle` on a stall, :class:`ClientGone` when every client
+    left, or the transport's failure when the upstream dropped.  Cancelling
+    ``done`` aborts the upstream connection at once.
     """
 
-    def __init__(
-        self,
-        sink: Sink,
-        chunk_filter: ChunkFilter,
-        clock: IReactorTime,
-        idle_timeout: float,
-        on_first_byte: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.sink = sink
-        self.filter = chunk_filter
+    def __init__(self, target: PumpTarget, clock: IReactorTime, idle_timeout: float) -> None:
+        self.target = target
         self.clock = clock
         self.idle_timeout = idle_timeout
-        self.on_first_byte = on_first_byte
         self.bytes_in = 0
         self.paused = False
-        self._registered = False
         self._watchdog: IDelayedCall | None = None
         self._stopped = False
         self._stop_reason: Exception | None = None
-        self.done: Deferred[None] = Deferred(canceller=self._cancel)
+        self.done: Deferred[None] = Deferred(canceller=lambda d: self.abort(CancelledError()))
 
     # -- upstream side (called by the HTTP client, in the reactor thread) --
 
     def connectionMade(self) -> None:
-        self.sink.registerProducer(self, True)
-        self._registered = True
+        self.target.registerProducer(self)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -116,34 +80,21 @@ class BodyPump(Protocol):
             return
         self.bytes_in += len(data)
         self._arm()
-        out = self.filter.feed(data)
-        if out:
-            self._write(out)
+        self.target.deliver(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disarm()
+        self.target.unregisterProducer()
         if self._stopped:
             self._fire_stop()
+        elif self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            tail = self.filter.finish()
-            if tail:
-                self._write(tail)
-        self._unregister()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        elif reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
             self.done.errback(reason)
 
-    def _write(self, data: bytes) -> None:
-        if self.on_first_byte is not None:
-            self.on_first_byte()
-            self.on_first_byte = None  # type: ignore[assignment]
-        self.sink.write(data)
-
-    # -- client side (IPushProducer, called by twisted.web) --
+    # -- client side (IPushProducer, via the fan-out) --
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -157,35 +108,33 @@ class BodyPump(Protocol):
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The client went away; abort the upstream at once.  Idempotent (called twice).
+        """Every client went away: abort the upstream at once.
 
         ``done`` fails a tick later: twisted.web stops the producer before it
         tells the request, and Klein must learn the request is gone first or
         it reports the cancellation as an error.
         """
-        self._abort(ClientGone(), fire=False)
+        self.abort(ClientGone(), fire=False)
         self.clock.callLater(0, self._fire_stop)
 
-    # -- internals --
-
-    def _abort(self, why: Exception, fire: bool = True) -> None:
+    def abort(self, why: Exception, fire: bool = True) -> None:
+        """Stop reading and drop the upstream connection.  Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         self._stop_reason = why
         self._disarm()
-        self._unregister()
+        self.target.unregisterProducer()
         if self.transport is not None:
             self.transport.stopProducing()
         if fire:
             self._fire_stop()
 
+    # -- internals --
+
     def _fire_stop(self) -> None:
         if not self.done.called:
             self.done.errback(Failure(self._stop_reason or ClientGone()))
-
-    def _cancel(self, d: Deferred[None]) -> None:
-        self._abort(CancelledError())
 
     def _arm(self) -> None:
         if self._watchdog is not None and self._watchdog.active():
@@ -200,12 +149,193 @@ class BodyPump(Protocol):
 
     def _idle(self) -> None:
         self._watchdog = None
-        self._abort(StreamIdle())
+        self.abort(StreamIdle())
 
-    def _unregister(self) -> None:
-        if self._registered and getattr(self.sink, "channel", True) is not None:
-            try:
-                self.sink.unregisterProducer()
-            except (AttributeError, RuntimeError):
-                pass  # request already finished or its channel gone
-        self._registered = False
+
+@implementer(IPushProducer)
+class Subscriber:
+    """One client of an upstream call: its request, and whether it wants the usage chunk.
+
+    ``done`` fires when its response is complete, errbacks with the error the
+    call ended in (an ``ApiError`` before any response), and can be cancelled
+    when its client leaves (Klein does it).
+    """
+
+    def __init__(self, request: Any, strip_usage_chunk: bool, clock: IReactorTime, on_first_byte: Callable[[], None]) -> None:
+        self.request = request
+        self.strip_usage_chunk = strip_usage_chunk
+        self.clock = clock
+        self.on_first_byte: Callable[[], None] | None = on_first_byte
+        self.fanout: Fanout | None = None
+        self.on_leave: Callable[["Subscriber"], None] = lambda sub: None
+        self.gone = False
+        self.registered = False
+        self.done: Deferred[None] = Deferred(canceller=lambda d: self._leave())
+
+    # -- called by the fan-out --
+
+    def select(self, pieces: list[Piece]) -> bytes:
+        if self.strip_usage_chunk:
+            return b"".join(raw for raw, usage_only in pieces if not usage_only)
+        return b"".join(raw for raw, _ in pieces)
+
+    def write(self, data: bytes) -> None:
+        if self.gone or not data:
+            return
+        if self.on_first_byte is not None:
+            self.on_first_byte()
+            self.on_first_byte = None
+        self.request.write(data)
+
+    def register(self) -> None:
+        if not self.gone and not self.registered:
+            self.request.registerProducer(self, True)
+            self.registered = True
+
+    def unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            if getattr(self.request, "channel", None) is not None:
+                try:
+                    self.request.unregisterProducer()
+                except (AttributeError, RuntimeError):
+                    pass
+
+    def end(self, failure: Failure | None = None) -> None:
+        """The call is over for this client."""
+        self.unregister()
+        if not self.done.called:
+            if failure is None:
+                self.done.callback(None)
+            else:
+                self.done.errback(failure)
+
+    # -- IPushProducer, called by twisted.web for this client --
+
+    def pauseProducing(self) -> None:
+        if self.fanout is not None:
+            self.fanout.pause(self)
+
+    def resumeProducing(self) -> None:
+        if self.fanout is not None:
+            self.fanout.resume(self)
+
+    def stopProducing(self) -> None:
+        """The client hung up (twisted.web tells us before Klein cancels ``done``)."""
+        self._leave()
+        self.clock.callLater(0, lambda: self.done.called or self.done.errback(Failure(ClientGone())))
+
+    def _leave(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        self.registered = False
+        self.on_leave(self)
+
+
+class Fanout:
+    """Frames and meters an upstream body once, and writes it to every subscriber.
+
+    :param meter: set for SSE bodies: events are framed, metered, and the
+        usage-only chunk is marked so each subscriber can drop it.
+    :param keep: bytes kept for the cache and for late joiners; past it the
+        fan-out stops keeping (``overflowed``) and takes no new joiners.
+    """
+
+    def __init__(self, meter: StreamMeter | None, keep: int, on_empty: Callable[[], None]) -> None:
+        self.meter = meter
+        self.parser = SSEParser() if meter is not None else None
+        self.keep = keep
+        self.on_empty = on_empty
+        self.subscribers: list[Subscriber] = []
+        self.kept: list[Piece] = []
+        self.kept_bytes = 0
+        self.overflowed = False
+        self.pump: BodyPump | None = None
+        self._paused: set[Subscriber] = set()
+
+    @property
+    def joinable(self) -> bool:
+        return not self.overflowed
+
+    def add(self, sub: Subscriber) -> None:
+        """Join a subscriber: it first gets everything kept so far."""
+        sub.fanout = self
+        self.subscribers.append(sub)
+        if self.pump is not None:
+            sub.register()
+        if self.kept:
+            sub.write(sub.select(self.kept))
+
+    def body(self) -> bytes | None:
+        """Everything received, or ``None`` when it was more than ``keep``."""
+        return None if self.overflowed else b"".join(raw for raw, _ in self.kept)
+
+    # -- PumpTarget --
+
+    def registerProducer(self, producer: BodyPump) -> None:
+        self.pump = producer
+        for sub in self.subscribers:
+            sub.register()
+
+    def unregisterProducer(self) -> None:
+        for sub in self.subscribers:
+            sub.unregister()
+        self.pump = None
+
+    def deliver(self, data: bytes) -> None:
+        if self.parser is None:
+            pieces: list[Piece] = [(data, False)]
+        else:
+            meter = self.meter
+            assert meter is not None
+            pieces = [(e.raw, meter.on_event(e)) for e in self.parser.feed(data)]
+            if not pieces:
+                return
+        self._send(pieces)
+
+    def finish(self) -> None:
+        """The body ended cleanly: relay an unterminated last event, if any."""
+        if self.parser is not None and self.meter is not None:
+            tail = self.parser.flush()
+            if tail is not None:
+                self._send([(tail.raw, self.meter.on_event(tail))])
+
+    def _send(self, pieces: list[Piece]) -> None:
+        if not self.overflowed:
+            self.kept.extend(pieces)
+            self.kept_bytes += sum(len(raw) for raw, _ in pieces)
+            if self.kept_bytes > self.keep:
+                self.overflowed = True
+                self.kept = []
+        plain = None
+        for sub in self.subscribers:
+            if sub.strip_usage_chunk:
+                sub.write(sub.select(pieces))
+            else:
+                if plain is None:
+                    plain = pieces[0][0] if len(pieces) == 1 else b"".join(raw for raw, _ in pieces)
+                sub.write(plain)
+
+    # -- back-pressure and departures --
+
+    def pause(self, sub: Subscriber) -> None:
+        first = not self._paused
+        self._paused.add(sub)
+        if first and self.pump is not None:
+            self.pump.pauseProducing()
+
+    def resume(self, sub: Subscriber) -> None:
+        self._paused.discard(sub)
+        if not self._paused and self.pump is not None and self.pump.paused:
+            self.pump.resumeProducing()
+
+    def leave(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        was_paused = sub in self._paused
+        self._paused.discard(sub)
+        if not self.subscribers:
+            self.on_empty()
+        elif was_paused:
+            self.resume(sub)

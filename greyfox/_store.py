@@ -52,6 +52,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ledger_ts ON ledger (ts)",
         "CREATE INDEX ledger_user_day ON ledger (user, day)",
     ),
+    (
+        """CREATE TABLE cache (
+            key TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            path TEXT NOT NULL,
+            model TEXT,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            content_type TEXT NOT NULL,
+            created REAL NOT NULL,
+            last_used REAL NOT NULL,
+            size INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL,
+            body BLOB NOT NULL,
+            PRIMARY KEY (key, scope)
+        )""",
+        "CREATE INDEX cache_last_used ON cache (last_used)",
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -109,19 +132,38 @@ def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
     return len(rows)
 
 
-def prepare_database(path: str) -> int:
-    """Create the file and its directory, migrate, return the highest ledger id.
+@attr.s(auto_attribs=True, frozen=True)
+class StartState:
+    """What the running service needs from the database, read once at start."""
 
-    Synchronous: called once at start-up, before the port opens.
-    """
+    last_id: int
+    cache_entries: list[Any]
+    secret: bytes
+    conn_path: str
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """A migrated connection (command line and start-up; synchronous)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     conn = sqlite3.connect(path)
+    _pragmas(conn)
+    migrate(conn)
+    return conn
+
+
+def prepare_database(path: str) -> StartState:
+    """Create the file and its directory, migrate, and read the start state.
+
+    Synchronous: called once at start-up, before the port opens.
+    """
+    from ._cache import installation_secret, load_index
+
+    conn = open_database(path)
     try:
-        _pragmas(conn)
-        migrate(conn)
         _recover_spill(conn, path)
-        return conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
+        last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
+        return StartState(last_id, load_index(conn), installation_secret(conn), path)
     finally:
         conn.close()
 

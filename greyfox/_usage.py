@@ -102,35 +102,36 @@ def _delta_text(doc: dict[str, Any]) -> str:
 
 
 class StreamMeter:
-    """Watches a streamed response's events; decides which reach the client.
+    """Watches a streamed response's events: usage, generated text, the end.
 
     :param counter: counts the streamed text for when no usage arrives.
-    :param strip_usage_chunk: drop the usage-only chat chunk that GreyFox asked
-        the upstream for on the client's behalf.
     """
 
-    def __init__(self, counter: IncrementalCounter, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, counter: IncrementalCounter) -> None:
         self.counter = counter
-        self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
-        self.done = False  # saw [DONE] or a terminal responses event
+        self.done = False  # saw [DONE] or a terminal Responses event
         self.events = 0
 
     def on_event(self, event: Event) -> bool:
-        """Account for one event; return whether to relay it to the client."""
+        """Account for one event; return whether it is the usage-only chat chunk.
+
+        That chunk (``choices: []`` plus ``usage``) is the one GreyFox may
+        have asked for on the client's behalf and then hides again.
+        """
         data = event.data
         if data is None:
-            return True
+            return False
         self.events += 1
         if data == "[DONE]":
             self.done = True
-            return True
+            return False
         try:
             doc = json.loads(data)
         except ValueError:
-            return True
+            return False
         if not isinstance(doc, dict):
-            return True
+            return False
         text = _delta_text(doc)
         if text:
             self.counter.feed(text)
@@ -141,10 +142,21 @@ class StreamMeter:
                 response = doc.get("response")
                 if isinstance(response, dict):
                     self.usage = parse_usage(response.get("usage")) or self.usage
-            return True
+            return False
         usage = parse_usage(doc.get("usage"))
         if usage is not None:
             self.usage = usage
-            if self.strip_usage_chunk and doc.get("choices") == []:
-                return False
-        return True
+            return doc.get("choices") == []
+        return False
+
+
+def is_usage_only(event: Event) -> bool:
+    """Whether an event is the usage-only chat chunk, without metering it."""
+    data = event.data
+    if data is None or '"usage"' not in data or "[]" not in data.replace(" ", ""):
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict)

@@ -26,6 +26,7 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from ._api import Api
+from ._cache import Cache
 from ._app import GreyFoxApp
 from ._config import Settings
 from ._metrics import Metrics
@@ -134,9 +135,16 @@ class GreyFoxService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.load_tokenizers = load_tokenizers
-        last_id = prepare_database(settings.db)
+        state = prepare_database(settings.db)
         self.dbpool = make_pool(settings.db, reactor)
-        self.ledger = Ledger(self.dbpool.runInteraction, reactor, last_id)
+        self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id)
+        self.cache = Cache(
+            self.dbpool.runInteraction,
+            reactor,
+            state.cache_entries,
+            ttl=settings.cache_ttl,
+            max_bytes=int(settings.cache_max_mb * 1024 * 1024),
+        )
         self.encodings = Encodings()
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
         self.http_pool = HTTPConnectionPool(reactor, persistent=True)
@@ -150,6 +158,8 @@ class GreyFoxService(MultiService):
             reactor,
             self.ledger,
             self.prices,
+            self.cache,
+            state.secret,
             encoding_for=self.encodings.for_model,
             on_settle=lambda call, row: self.metrics.observe(row),
         )

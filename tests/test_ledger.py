@@ -18,6 +18,11 @@ from .test_proxy import CHAT, RawClient, raw_post
 P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
 
 
+def distinct(i: int) -> dict[str, Any]:
+    """A chat request no other one shares (so the cache answers none of them)."""
+    return dict(CHAT, messages=[{"role": "user", "content": f"Say hello #{i}"}])
+
+
 async def get_json(http: Any, url: str) -> Any:
     response = await http.get(url)
     return response.code, json.loads(await response.content())
@@ -128,7 +133,7 @@ async def test_200_concurrent_requests_are_200_rows_and_survive_a_restart(start_
     db = str(tmp_path / "restart.db")
     proxy = await start_proxy(db=db)
     results = await DeferredList(
-        [Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": f"u{i % 7}"})) for i in range(200)],
+        [Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", distinct(i), {"x-app-user-id": f"u{i % 7}"})) for i in range(200)],
         fireOnOneErrback=True,
     )
     ids = {int(r[0].headers.getRawHeaders(b"x-greyfox-request-id")[0]) for ok, r in results}
@@ -174,16 +179,20 @@ async def test_database_failure_degrades_health_but_loses_nothing(start_proxy, h
 @pytest_twisted.ensureDeferred
 async def test_usage_groups_and_date_range(start_proxy, http):
     proxy = await start_proxy()
-    await post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": "alice"})
-    await post_json(http, proxy.v1 + "/chat/completions", CHAT, {"x-app-user-id": "bob"})
+    await post_json(http, proxy.v1 + "/chat/completions", distinct(1), {"x-app-user-id": "alice"})
+    await post_json(http, proxy.v1 + "/chat/completions", distinct(2), {"x-app-user-id": "bob"})
     await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="deepseek/deepseek-chat"), {"x-app-user-id": "bob"})
+    await post_json(http, proxy.v1 + "/chat/completions", distinct(1), {"x-app-user-id": "bob"})  # a cache hit
     code, doc = await get_json(http, proxy.url + "/api/usage")
     assert doc["group"] == "user"
-    assert {r["key"]: r["requests"] for r in doc["rows"]} == {"alice": 1, "bob": 2}
+    by_user = {r["key"]: r for r in doc["rows"]}
+    assert {k: r["requests"] for k, r in by_user.items()} == {"alice": 1, "bob": 3}
+    assert (by_user["bob"]["total_tokens"], by_user["bob"]["cache_hits"], by_user["bob"]["saved_tokens"]) == (2 * (P + C), 1, P + C)
+    assert by_user["bob"]["saved_usd"] == pytest.approx(by_user["alice"]["cost_usd"], abs=1e-6)
     code, doc = await get_json(http, proxy.url + "/api/usage?group=upstream")
     assert {r["key"]: r["total_tokens"] for r in doc["rows"]} == {"openai": 2 * (P + C), "deepseek": P + C}
     code, doc = await get_json(http, proxy.url + "/api/usage?group=day")
-    assert len(doc["rows"]) == 1 and doc["rows"][0]["requests"] == 3
+    assert len(doc["rows"]) == 1 and doc["rows"][0]["requests"] == 4
     code, doc = await get_json(http, proxy.url + "/api/usage?from=2000-01-01&to=2000-01-02")
     assert doc["rows"] == []
     for bad in ("group=colour", "from=yesterday", "from=2026-02-02&to=2026-02-01"):
@@ -206,7 +215,7 @@ async def test_status_metrics_and_admin_token(start_proxy, http):
     assert {u["name"] for u in status["upstreams"]} == {"openai", "deepseek", "openrouter"}
     response = await http.get(proxy.url + "/metrics", headers=auth)
     text = (await response.content()).decode()
-    assert 'greyfox_requests_total{cache="NONE",status_class="2xx",upstream="openai"} 1.0' in text
+    assert 'greyfox_requests_total{cache="MISS",status_class="2xx",upstream="openai"} 1.0' in text
     response = await http.get(proxy.url + "/healthz")
     assert response.code == 200
 

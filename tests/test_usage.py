@@ -4,7 +4,7 @@ import json
 
 from greyfox._sse import Event, SSEParser
 from greyfox._tokens import IncrementalCounter
-from greyfox._usage import StreamMeter, Usage, parse_usage, usage_from_body
+from greyfox._usage import StreamMeter, Usage, is_usage_only, parse_usage, usage_from_body
 
 
 def test_usage_shapes():
@@ -26,17 +26,18 @@ def chunk(doc):
     return Event(b"data: " + json.dumps(doc).encode() + b"\n\n", None, json.dumps(doc))
 
 
-def test_meter_takes_usage_and_strips_only_the_usage_only_chunk():
-    meter = StreamMeter(IncrementalCounter(None), strip_usage_chunk=True)
-    assert meter.on_event(chunk({"choices": [{"delta": {"content": "abcd"}}], "usage": None}))
-    assert not meter.on_event(chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
-    assert meter.on_event(Event(b"data: [DONE]\n\n", None, "[DONE]"))
+def test_meter_takes_usage_and_marks_only_the_usage_only_chunk():
+    meter = StreamMeter(IncrementalCounter(None))
+    assert not meter.on_event(chunk({"choices": [{"delta": {"content": "abcd"}}], "usage": None}))
+    assert meter.on_event(chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
+    assert not meter.on_event(Event(b"data: [DONE]\n\n", None, "[DONE]"))
     assert meter.usage == Usage(3, 1) and meter.done
 
 
-def test_meter_keeps_the_usage_chunk_when_the_client_asked():
-    meter = StreamMeter(IncrementalCounter(None), strip_usage_chunk=False)
-    assert meter.on_event(chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
+def test_usage_only_detection_without_a_meter():
+    assert is_usage_only(chunk({"choices": [], "usage": {"prompt_tokens": 3}}))
+    assert not is_usage_only(chunk({"choices": [{"delta": {}}], "usage": None}))
+    assert not is_usage_only(Event(b": ping\n\n"))
 
 
 def test_meter_counts_text_of_every_api_shape():

@@ -1,0 +1,379 @@
+# -*- test-case-name: tests.test_cache -*-
+"""The response cache: an in-memory index over compressed bodies in SQLite.
+
+What decides a hit (key, scope, age, size, usage) lives in memory, so a
+lookup never waits on the database; a body is read from SQLite only when it
+is not among the recently used bodies kept in memory.  Bodies are compressed
+and written in the pool's thread, off the reactor.  The total stored size is
+capped, least recently used entries go first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import zlib
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Iterator
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ._cachekey import SHARED
+from ._sse import SSEParser
+from ._usage import Usage, is_usage_only
+
+log = Logger()
+
+#: Entries larger than this (uncompressed) are not cached.
+MAX_ENTRY_BYTES = 8 * 1024 * 1024
+#: Decompressed bodies kept in memory for instant hits.
+HOT_BYTES = 64 * 1024 * 1024
+CASSETTE_VERSION = 1
+
+_COLUMNS = (
+    "key", "scope", "upstream", "path", "model", "stream", "status", "content_type",
+    "created", "last_used", "size", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+)
+
+
+@attr.s(auto_attribs=True, slots=True)
+class CacheEntry:
+    """What the index knows of a stored answer (its body is in SQLite)."""
+
+    key: str
+    scope: str
+    upstream: str
+    path: str
+    model: str | None
+    stream: bool
+    status: int
+    content_type: str
+    created: float
+    last_used: float
+    size: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.scope}:{self.key}"
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, c) for c in _COLUMNS)
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Body:
+    """A decompressed body; for streams also the variant without the usage-only chunk."""
+
+    full: bytes
+    without_usage: bytes | None = None
+
+    def for_client(self, wants_usage_chunk: bool) -> bytes:
+        if wants_usage_chunk or self.without_usage is None:
+            return self.full
+        return self.without_usage
+
+    @classmethod
+    def of(cls, data: bytes, stream: bool) -> "Body":
+        if not stream:
+            return cls(data)
+        parser = SSEParser(max_event_bytes=len(data) + 1)
+        events = parser.feed(data)
+        tail = parser.flush()
+        if tail is not None:
+            events.append(tail)
+        return cls(data, b"".join(e.raw for e in events if not is_usage_only(e)))
+
+
+# -- SQL, run in the pool's thread --
+
+
+def _store_txn(txn: Any, entry: CacheEntry, body: bytes) -> int:
+    blob = zlib.compress(body, 6)
+    entry.size = len(blob)
+    txn.execute(
+        f"INSERT OR REPLACE INTO cache ({', '.join(_COLUMNS)}, body) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})",
+        entry.row() + (blob,),
+    )
+    return len(blob)
+
+
+def _body_txn(txn: Any, key: str, scope: str) -> bytes | None:
+    txn.execute("SELECT body FROM cache WHERE key = ? AND scope = ?", (key, scope))
+    row = txn.fetchone()
+    return zlib.decompress(row[0]) if row else None
+
+
+def _delete_txn(txn: Any, ids: list[tuple[str, str]]) -> None:
+    txn.executemany("DELETE FROM cache WHERE key = ? AND scope = ?", ids)
+
+
+def _touch_txn(txn: Any, touched: list[tuple[float, str, str]]) -> None:
+    txn.executemany("UPDATE cache SET last_used = ? WHERE key = ? AND scope = ?", touched)
+
+
+def load_index(conn: sqlite3.Connection) -> list[CacheEntry]:
+    """Every entry's metadata, least recently used first (start-up, synchronous)."""
+    rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache ORDER BY last_used").fetchall()
+    return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in rows]
+
+
+def installation_secret(conn: sqlite3.Connection) -> bytes:
+    """The random key of credential fingerprints, created once per database."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'fingerprint_secret'").fetchone()
+    if row:
+        return bytes.fromhex(row[0])
+    secret = os.urandom(32)
+    with conn:
+        conn.execute("INSERT INTO meta (name, value) VALUES ('fingerprint_secret', ?)", (secret.hex(),))
+    return secret
+
+
+class Cache:
+    """The index, the hot bodies, and the writes behind them.
+
+    :param run: ``ConnectionPool.runInteraction`` or a stand-in.
+    :param ttl: seconds an entry stays valid; 0 = forever.
+    :param max_bytes: cap on the stored (compressed) size.
+    """
+
+    def __init__(
+        self,
+        run: Callable[..., Deferred[Any]],
+        clock: IReactorTime,
+        entries: Iterable[CacheEntry] = (),
+        ttl: float = 0.0,
+        max_bytes: int = 1024 * 1024 * 1024,
+        hot_bytes: int = HOT_BYTES,
+    ) -> None:
+        self._run = run
+        self._clock = clock
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self._index: OrderedDict[str, CacheEntry] = OrderedDict((e.id, e) for e in entries)
+        self.bytes = sum(e.size for e in self._index.values())
+        self._hot: OrderedDict[str, Body] = OrderedDict()
+        self._hot_bytes = 0
+        self._hot_cap = hot_bytes
+        self._touched: dict[str, CacheEntry] = {}
+        self._touch_call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def lookup(self, key: str, scopes: Iterable[str]) -> CacheEntry | None:
+        """The freshest valid entry for ``key`` in the first scope that has one."""
+        now = self._clock.seconds()
+        for scope in scopes:
+            entry = self._index.get(f"{scope}:{key}")
+            if entry is None:
+                continue
+            if self.ttl and now - entry.created > self.ttl:
+                self._forget([entry])
+                continue
+            return entry
+        return None
+
+    async def body(self, entry: CacheEntry) -> Body | None:
+        """The entry's body: from memory, else one read in the pool's thread."""
+        self._use(entry)
+        hot = self._hot.get(entry.id)
+        if hot is not None:
+            self._hot.move_to_end(entry.id)
+            return hot
+        data = await self._run(_body_txn, entry.key, entry.scope)
+        if data is None:
+            self._forget([entry])
+            return None
+        body = Body.of(data, entry.stream)
+        self._keep_hot(entry.id, body)
+        return body
+
+    def store(self, entry: CacheEntry, data: bytes) -> Deferred[Any]:
+        """Store a complete answer; fires when it is written (failures are logged)."""
+        if len(data) > MAX_ENTRY_BYTES:
+            return succeed(None)
+        old = self._index.pop(entry.id, None)
+        if old is not None:
+            self.bytes -= old.size
+        self._keep_hot(entry.id, Body.of(data, entry.stream))
+
+        def written(size: int) -> None:
+            entry.size = size
+            self._index[entry.id] = entry
+            self._index.move_to_end(entry.id)
+            self.bytes += size
+            self._evict()
+
+        def failed(f: Any) -> None:
+            self._drop_hot(entry.id)
+            log.warn("cache: could not store an entry ({reason})", reason=f.getErrorMessage())
+
+        return self._run(_store_txn, entry, data).addCallbacks(written, failed)
+
+    def clear(self, model: str | None = None, older_than: float | None = None) -> Deferred[int]:
+        """Remove entries (all, or of one model, or created before a time); fires with the count."""
+        doomed = [
+            e for e in self._index.values()
+            if (model is None or e.model == model) and (older_than is None or e.created < older_than)
+        ]
+        return self._forget(doomed).addCallback(lambda _: len(doomed))
+
+    def entries(self) -> list[CacheEntry]:
+        return list(self._index.values())
+
+    # -- internals --
+
+    def _use(self, entry: CacheEntry) -> None:
+        entry.last_used = self._clock.seconds()
+        if entry.id in self._index:
+            self._index.move_to_end(entry.id)
+        self._touched[entry.id] = entry
+        if self._touch_call is None:
+            self._touch_call = self._clock.callLater(5, self._write_touches)
+
+    def _write_touches(self) -> None:
+        self._touch_call = None
+        touched, self._touched = self._touched, {}
+        rows = [(e.last_used, e.key, e.scope) for e in touched.values()]
+        self._run(_touch_txn, rows).addErrback(lambda f: None)  # LRU order is a hint
+
+    def _keep_hot(self, entry_id: str, body: Body) -> None:
+        size = _hot_size(body)
+        if size > self._hot_cap:
+            return
+        self._drop_hot(entry_id)
+        self._hot[entry_id] = body
+        self._hot_bytes += size
+        while self._hot_bytes > self._hot_cap:
+            _, old = self._hot.popitem(last=False)
+            self._hot_bytes -= _hot_size(old)
+
+    def _drop_hot(self, entry_id: str) -> None:
+        body = self._hot.pop(entry_id, None)
+        if body is not None:
+            self._hot_bytes -= _hot_size(body)
+
+    def _evict(self) -> None:
+        doomed = []
+        total = self.bytes
+        for entry in self._index.values():  # least recently used first
+            if total <= self.max_bytes:
+                break
+            doomed.append(entry)
+            total -= entry.size
+        if doomed:
+            self._forget(doomed)
+
+    def _forget(self, entries: list[CacheEntry]) -> Deferred[Any]:
+        for e in entries:
+            if self._index.pop(e.id, None) is not None:
+                self.bytes -= e.size
+            self._drop_hot(e.id)
+            self._touched.pop(e.id, None)
+        d = self._run(_delete_txn, [(e.key, e.scope) for e in entries])
+        return d.addErrback(lambda f: log.warn("cache: could not delete entries ({r})", r=f.getErrorMessage()))
+
+
+def _hot_size(body: Body) -> int:
+    return len(body.full) + len(body.without_usage or b"")
+
+
+# -- cassettes: JSON Lines, no credentials; used by the command line, synchronously --
+
+
+def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Iterator[str]:
+    """One JSON line per entry.  Entries bought with a client's own credential
+    are left out unless ``include_private`` (they are then written as shared)."""
+    where = "" if include_private else "WHERE scope = 'shared'"
+    for row in conn.execute(f"SELECT {', '.join(_COLUMNS)}, body FROM cache {where} ORDER BY created"):
+        entry = CacheEntry(*row[:5], bool(row[5]), *row[6:15])
+        data = zlib.decompress(row[15])
+        doc: dict[str, Any] = {
+            "version": CASSETTE_VERSION,
+            "key": entry.key,
+            "upstream": entry.upstream,
+            "path": entry.path,
+            "model": entry.model,
+            "stream": entry.stream,
+            "status": entry.status,
+            "content_type": entry.content_type,
+            "created": entry.created,
+            "usage": {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens,
+                      "cached_tokens": entry.cached_tokens},
+            "cost_usd": entry.cost_usd,
+        }
+        try:
+            doc["body"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["body_b64"] = base64.b64encode(data).decode("ascii")
+        yield json.dumps(doc, ensure_ascii=False, sort_keys=True)
+
+
+class CassetteError(Exception):
+    """A cassette line is unusable; the message names the line."""
+
+
+def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes]:
+    try:
+        doc = json.loads(line)
+    except ValueError as e:
+        raise CassetteError(f"line {number}: not JSON ({e})") from None
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CassetteError(f"line {number}: {what}")
+
+    need(isinstance(doc, dict), "not a JSON object")
+    need(doc.get("version") == CASSETTE_VERSION, f"version must be {CASSETTE_VERSION}")
+    key = doc.get("key")
+    need(isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key), "key must be 64 hex digits")
+    for field in ("upstream", "path", "content_type"):
+        need(isinstance(doc.get(field), str) and doc[field], f"{field} must be a non-empty string")
+    need(doc.get("model") is None or isinstance(doc["model"], str), "model must be a string")
+    need(isinstance(doc.get("stream"), bool), "stream must be true or false")
+    need(doc.get("status") == 200, "status must be 200")
+    need(isinstance(doc.get("created"), (int, float)), "created must be a number")
+    usage = doc.get("usage")
+    need(isinstance(usage, dict), "usage must be an object")
+    counts = [usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "cached_tokens")]
+    need(all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts), "usage counts must be whole numbers")
+    cost = doc.get("cost_usd")
+    need(cost is None or (isinstance(cost, (int, float)) and cost >= 0), "cost_usd must be a number or null")
+    if isinstance(doc.get("body"), str):
+        data = doc["body"].encode("utf-8")
+    elif isinstance(doc.get("body_b64"), str):
+        try:
+            data = base64.b64decode(doc["body_b64"], validate=True)
+        except ValueError:
+            raise CassetteError(f"line {number}: body_b64 is not base64") from None
+    else:
+        raise CassetteError(f"line {number}: body or body_b64 is required")
+    need(len(data) <= MAX_ENTRY_BYTES, "body is larger than a cache entry may be")
+    entry = CacheEntry(
+        key, SHARED, doc["upstream"], doc["path"], doc.get("model"), doc["stream"], 200, doc["content_type"],
+        float(doc["created"]), float(doc["created"]), 0, *counts, cost,
+    )
+    return entry, data
+
+
+def import_lines(conn: sqlite3.Connection, lines: Iterable[str]) -> int:
+    """Validate every line, then insert all of them in one transaction (or none)."""
+    parsed = [_parse_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    with conn:
+        cur = conn.cursor()
+        for entry, data in parsed:
+            _store_txn(cur, entry, data)
+    return len(parsed)

@@ -1,0 +1,42 @@
+# -*- test-case-name: tests.test_cachekey -*-
+"""Cache keys and credential fingerprints.  Pure functions.
+
+A key is SHA-256 over the upstream name, the path and the canonical JSON of
+the body as sent upstream (sorted keys, no insignificant whitespace,
+``stream_options`` left out: it only changes whether a usage chunk is shown).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+#: The scope of entries bought with GreyFox's own upstream key.
+SHARED = "shared"
+
+#: Body fields that cannot change the answer and so never split entries.
+IGNORED_FIELDS = frozenset({"stream_options"})
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def cache_key(upstream: str, path: str, body: dict[str, Any]) -> str:
+    """The hex key of a request: same upstream, path and body fields -> same key."""
+    kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    h = hashlib.sha256()
+    h.update(upstream.encode("utf-8") + b"\n" + path.encode("utf-8") + b"\n")
+    h.update(canonical_json(kept))
+    return h.hexdigest()
+
+
+def credential_scope(secret: bytes, credential: bytes) -> str:
+    """A keyed fingerprint of a pass-through credential: the scope of what it bought.
+
+    The credential itself is never stored; without the installation's secret
+    the fingerprint says nothing about it.
+    """
+    return "cred:" + hmac.new(secret, credential, hashlib.sha256).hexdigest()[:32]

@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_cache -*-
+"""One upstream call and every client waiting on it.
+
+A :class:`Flight` is started by the first request (the leader).  Identical
+requests that arrive while it is in the air subscribe to it instead of
+calling the upstream again (request coalescing): they get the same status,
+headers and body as they arrive, streams included.  The flight outlives any
+one client: the upstream call is cancelled only when every client has left.
+When it ends it records usage on every waiting call, settles their ledger
+rows and, for a complete ``200``, stores the answer in the cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+
+from ._cache import MAX_ENTRY_BYTES, CacheEntry
+from ._errors import ApiError
+from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
+from ._routing import response_headers
+from ._tokens import IncrementalCounter, estimate_prompt_tokens
+from ._usage import StreamMeter, Usage, usage_from_body
+
+if TYPE_CHECKING:
+    from ._proxy import Call, Proxy
+
+log = Logger()
+
+#: Non-stream bodies up to this size are kept to read their ``usage``.
+KEEP_BODY_BYTES = MAX_ENTRY_BYTES
+
+
+class Flight:
+    """The upstream call of ``leader``, shared by every subscriber.
+
+    :param key: ``scope:key`` under which it may be joined and stored, or
+        ``None`` for a call that is neither coalesced nor cached.
+    """
+
+    def __init__(self, proxy: "Proxy", leader: "Call", entry_id: str | None, store: bool) -> None:
+        self.proxy = proxy
+        self.leader = leader
+        self.entry_id = entry_id
+        self.store = store
+        self.subscribers: list[tuple[Subscriber, "Call"]] = []
+        self.fanout: Fanout | None = None
+        self.response: Any = None
+        self.ended = False
+        self.usage: Usage | None = None
+        self.usage_source = "none"
+        self._forwarding: Deferred[Any] | None = None
+        self._pump: BodyPump | None = None
+        self._to_settle: list["Call"] = []
+        self._meter: StreamMeter | None = None
+        self._counter: IncrementalCounter | None = None
+
+    @property
+    def joinable(self) -> bool:
+        return not self.ended and (self.fanout is None or self.fanout.joinable)
+
+    def subscribe(self, request: Any, call: "Call") -> Subscriber:
+        """Add a client; its ``done`` fires when its response is complete."""
+        clock = self.proxy.clock
+
+        def first_byte() -> None:
+            call.first_byte = clock.seconds()
+
+        sub = Subscriber(request, call.strip_usage_chunk, clock, first_byte)
+        sub.on_leave = self._leave
+        call.flight = self
+        self.subscribers.append((sub, call))
+        if self.fanout is not None:
+            self._begin(sub, call)
+            self.fanout.add(sub)
+        return sub
+
+    def start(self) -> Deferred[None]:
+        return ensureDeferred(self._run())
+
+    def settle_after(self, call: "Call") -> None:
+        """Queue ``call``'s ledger row for when the upstream call is over."""
+        if self.ended:
+            self.proxy.settle(call)
+        else:
+            self._to_settle.append(call)
+
+    # -- the call --
+
+    async def _run(self) -> None:
+        proxy = self.proxy
+        leader = self.leader
+        try:
+            self._forwarding = ensureDeferred(proxy.forward(leader))
+            response = await self._forwarding
+        except ApiError as e:
+            self._finish(Failure(e))
+            return
+        except CancelledError:
+            self._finish(Failure(ClientGone()), "client disconnected")
+            return
+        except Exception:
+            log.failure("request {id}: forwarding failed", id=leader.id)
+            self._finish(Failure(ApiError(502, "GreyFox could not reach the upstream.", "upstream_error", "upstream_unreachable")))
+            return
+        self._forwarding = None
+        self.response = response
+        content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
+        enc = proxy.encoding_for(leader.model or "")
+        self._counter = IncrementalCounter(enc)
+        if content_type.startswith(b"text/event-stream"):
+            self._meter = StreamMeter(self._counter)
+            keep = MAX_ENTRY_BYTES
+        else:
+            keep = KEEP_BODY_BYTES if b"json" in content_type else 0
+        self.fanout = Fanout(self._meter, keep, on_empty=self._all_left)
+        for sub, call in list(self.subscribers):
+            if not sub.gone:
+                self._begin(sub, call)
+                self.fanout.add(sub)
+        if not self.fanout.subscribers:
+            response.deliverBody(_Discard())
+            self._finish(None, "client disconnected")
+            return
+        pump = self._pump = BodyPump(self.fanout, proxy.clock, proxy.settings.stream_idle_timeout)
+        response.deliverBody(pump)
+        error = None
+        try:
+            await pump.done
+            self.fanout.finish()
+        except StreamIdle:
+            error = f"stream idle for {proxy.settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
+            log.info("request {id}: {error}; stream ended", id=leader.id, error=error)
+        except (ClientGone, CancelledError):
+            error = "client disconnected"
+        except ResponseFailed as e:
+            error = "upstream dropped the response: " + _describe(e)
+            log.info("request {id}: {error}", id=leader.id, error=error)
+        self._take_usage(response.code)
+        complete = error is None and (self._meter is None or self._meter.done)
+        if self.store and complete and response.code == 200:
+            self._store(content_type.decode("latin-1"))
+        self._finish(None, error)
+
+    def _begin(self, sub: Subscriber, call: "Call") -> None:
+        """Status and headers for one client, before its first body byte."""
+        response = self.response
+        call.status = response.code
+        request = sub.request
+        request.setResponseCode(response.code)
+        for name, values in response_headers(response.headers.getAllRawHeaders()):
+            request.responseHeaders.setRawHeaders(name, values)
+
+    def _take_usage(self, code: int) -> None:
+        """The upstream's usage if it sent one; otherwise our own count."""
+        meter, leader = self._meter, self.leader
+        if meter is not None and meter.usage is not None:
+            self.usage, self.usage_source = meter.usage, "upstream"
+            return
+        body = self.fanout.body() if self.fanout is not None and meter is None else None
+        if body:
+            usage = usage_from_body(body)
+            if usage is not None:
+                self.usage, self.usage_source = usage, "upstream"
+                return
+            if code < 400:
+                _feed_completion_text(self._counter, body)
+        if leader.doc is None or self._counter is None or code >= 400:
+            return
+        if meter is None and self._counter.total == 0:
+            return
+        enc = self.proxy.encoding_for(leader.model or "")
+        self.usage = Usage(estimate_prompt_tokens(enc, leader.doc), self._counter.total)
+        self.usage_source = "estimated"
+
+    def _store(self, content_type: str) -> None:
+        assert self.fanout is not None and self.entry_id is not None
+        body = self.fanout.body()
+        if body is None or self.usage is None and self._meter is None and not _is_json(body):
+            return
+        leader = self.leader
+        scope, _, key = self.entry_id.partition(":")
+        usage = self.usage or Usage()
+        now = self.proxy.clock.seconds()
+        entry = CacheEntry(
+            key=key, scope=scope, upstream=leader.route.upstream.name, path=leader.subpath.decode("latin-1"),
+            model=leader.model, stream=self._meter is not None, status=200, content_type=content_type,
+            created=now, last_used=now, size=0, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
+            cost_usd=self.proxy.prices.cost(leader.model or "", usage) if self.usage else None,
+        )
+        self.proxy.cache.store(entry, body)
+
+    # -- endings --
+
+    def _leave(self, sub: Subscriber) -> None:
+        """A client hung up: drop it; when none is left, cancel the upstream call."""
+        if self.fanout is not None:
+            self.fanout.leave(sub)
+        elif all(s.gone for s, _ in self.subscribers) and self._forwarding is not None:
+            self._forwarding.cancel()
+
+    def _all_left(self) -> None:
+        if self._pump is not None:
+            self._pump.stopProducing()
+
+    def _finish(self, failure: Failure | None, error: str | None = None) -> None:
+        """End every subscriber, then settle every waiting ledger row."""
+        self.ended = True
+        self.proxy.flight_ended(self)
+        for sub, call in self.subscribers:
+            call.usage, call.usage_source = self.usage, self.usage_source
+            if error and call.error is None:
+                call.error = error
+            sub.end(failure)
+        to_settle, self._to_settle = self._to_settle, []
+        for call in to_settle:
+            self.proxy.settle(call)
+
+
+class _Discard:
+    """Reads and drops a body nobody is waiting for."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def _is_json(body: bytes) -> bool:
+    import json
+
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _feed_completion_text(counter: IncrementalCounter | None, body: bytes) -> None:
+    """Count the generated text of a JSON answer that came without ``usage``."""
+    import json
+
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    if not isinstance(choices, list) or counter is None:
+        return
+    for choice in choices:
+        if isinstance(choice, dict):
+            if isinstance(choice.get("text"), str):
+                counter.feed(choice["text"])
+            message = choice.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                counter.feed(message["content"])
+
+
+def _describe(e: BaseException) -> str:
+    """A short reason, without tracebacks; unwraps twisted.web's failure lists."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 
 from . import __version__
 from . import _errors as errors
+from ._cache import Cache, CacheStats
 from ._config import Settings
 from ._store import GROUPS, Ledger, requests_txn, usage_txn
 
@@ -56,7 +57,11 @@ class Api:
         run: Callable[..., Deferred[Any]],
         seconds: Callable[[], float],
         started: float,
+        cache: Cache,
+        cache_stats: CacheStats,
     ) -> None:
+        self.cache = cache
+        self.cache_stats = cache_stats
         self.settings = settings
         self.ledger = ledger
         self.run = run
@@ -142,6 +147,36 @@ class Api:
                 "degraded": self.ledger.degraded,
             },
         }
+
+    def cache_info(self) -> Result:
+        st = self.cache_stats
+        lookups = st.hits + st.misses
+        return 200, {
+            "entries": len(self.cache),
+            "bytes": self.cache.bytes,
+            "max_bytes": self.cache.max_bytes,
+            "hits": st.hits,
+            "misses": st.misses,
+            "hit_rate": round(st.hits / lookups, 4) if lookups else None,
+            "saved_tokens": st.saved_tokens,
+            "saved_usd": round(st.saved_usd, 6),
+        }
+
+    async def cache_clear(self, args: Mapping[bytes, list[bytes]]) -> Result:
+        """``DELETE /api/cache[?model=M][&older_than_days=N]``."""
+        model = _arg(args, "model")
+        days = _arg(args, "older_than_days")
+        older_than = None
+        if days is not None:
+            try:
+                n = float(days)
+            except ValueError:
+                n = -1
+            if not n >= 0:
+                raise errors.bad_request("older_than_days must be a number >= 0.", "invalid_number", "older_than_days")
+            older_than = self.seconds() - n * 86400
+        deleted = await self.cache.clear(model=model, older_than=older_than)
+        return 200, {"deleted": deleted, "entries": len(self.cache), "bytes": self.cache.bytes}
 
     def health(self) -> Result:
         if self.ledger.degraded is not None:

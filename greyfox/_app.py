@@ -132,6 +132,14 @@ class GreyFoxApp:
     def status(self, request: IRequest) -> Deferred[bytes]:
         return ensureDeferred(self._admin_call(request, self.api.status))
 
+    @app.route("/api/cache", methods=["GET"])
+    def cache_info(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, self.api.cache_info))
+
+    @app.route("/api/cache", methods=["DELETE"])
+    def cache_clear(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.cache_clear(request.args)))
+
     @app.route("/api", branch=True)
     def api_unknown(self, request: IRequest) -> bytes:
         try:

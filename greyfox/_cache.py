@@ -124,6 +124,32 @@ def _touch_txn(txn: Any, touched: list[tuple[float, str, str]]) -> None:
     txn.executemany("UPDATE cache SET last_used = ? WHERE key = ? AND scope = ?", touched)
 
 
+@attr.s(auto_attribs=True)
+class CacheStats:
+    """Lifetime cache counters, seeded from the ledger at start, kept in memory."""
+
+    hits: int = 0
+    misses: int = 0
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
+
+    def observe(self, cache: str, saved_tokens: int, saved_usd: float) -> None:
+        if cache == "HIT":
+            self.hits += 1
+            self.saved_tokens += saved_tokens
+            self.saved_usd += saved_usd
+        elif cache in ("MISS", "REFRESH"):
+            self.misses += 1
+
+
+def load_stats(conn: sqlite3.Connection) -> CacheStats:
+    row = conn.execute(
+        "SELECT COALESCE(SUM(cache = 'HIT'), 0), COALESCE(SUM(cache IN ('MISS', 'REFRESH')), 0), "
+        "COALESCE(SUM(saved_tokens), 0), COALESCE(SUM(saved_usd), 0) FROM ledger"
+    ).fetchone()
+    return CacheStats(*row)
+
+
 def load_index(conn: sqlite3.Connection) -> list[CacheEntry]:
     """Every entry's metadata, least recently used first (start-up, synchronous)."""
     rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache ORDER BY last_used").fetchall()

@@ -51,6 +51,7 @@ class Flight:
         self.fanout: Fanout | None = None
         self.response: Any = None
         self.ended = False
+        self.answered = False  # every client has its complete response
         self.usage: Usage | None = None
         self.usage_source = "none"
         self._forwarding: Deferred[Any] | None = None
@@ -77,14 +78,17 @@ class Flight:
         if self.fanout is not None:
             self._begin(sub, call)
             self.fanout.add(sub)
+            if self.answered:
+                call.usage, call.usage_source = self.usage, self.usage_source
+                sub.end()
         return sub
 
     def start(self) -> Deferred[None]:
         return ensureDeferred(self._run())
 
     def settle_after(self, call: "Call") -> None:
-        """Queue ``call``'s ledger row for when the upstream call is over."""
-        if self.ended:
+        """Queue ``call``'s ledger row for when its usage is known."""
+        if self.ended or self.answered:
             self.proxy.settle(call)
         else:
             self._to_settle.append(call)
@@ -117,7 +121,7 @@ class Flight:
             keep = MAX_ENTRY_BYTES
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0
-        self.fanout = Fanout(self._meter, keep, on_empty=self._all_left)
+        self.fanout = Fanout(self._meter, keep, on_empty=self._all_left, on_complete=self._answered)
         for sub, call in list(self.subscribers):
             if not sub.gone:
                 self._begin(sub, call)
@@ -141,7 +145,7 @@ class Flight:
             error = "upstream dropped the response: " + _describe(e)
             log.info("request {id}: {error}", id=leader.id, error=error)
         self._take_usage(response.code)
-        complete = error is None and (self._meter is None or self._meter.done)
+        complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and response.code == 200:
             self._store(content_type.decode("latin-1"))
         self._finish(None, error)
@@ -204,6 +208,17 @@ class Flight:
         elif all(s.gone for s, _ in self.subscribers) and self._forwarding is not None:
             self._forwarding.cancel()
 
+    def _answered(self) -> None:
+        """The stream is complete: finish every client's response now."""
+        self._take_usage(self.response.code)
+        self.answered = True
+        for sub, call in self.subscribers:
+            call.usage, call.usage_source = self.usage, self.usage_source
+            sub.end()
+        to_settle, self._to_settle = self._to_settle, []
+        for call in to_settle:
+            self.proxy.settle(call)
+
     def _all_left(self) -> None:
         if self._pump is not None:
             self._pump.stopProducing()
@@ -214,7 +229,7 @@ class Flight:
         self.proxy.flight_ended(self)
         for sub, call in self.subscribers:
             call.usage, call.usage_source = self.usage, self.usage_source
-            if error and call.error is None:
+            if error and call.error is None and not sub.ended:
                 call.error = error
             sub.end(failure)
         to_settle, self._to_settle = self._to_settle, []

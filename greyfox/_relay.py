@@ -169,6 +169,7 @@ class Subscriber:
         self.fanout: Fanout | None = None
         self.on_leave: Callable[["Subscriber"], None] = lambda sub: None
         self.gone = False
+        self.ended = False
         self.registered = False
         self.done: Deferred[None] = Deferred(canceller=lambda d: self._leave())
 
@@ -180,7 +181,7 @@ class Subscriber:
         return b"".join(raw for raw, _ in pieces)
 
     def write(self, data: bytes) -> None:
-        if self.gone or not data:
+        if self.gone or self.ended or not data:
             return
         if self.on_first_byte is not None:
             self.on_first_byte()
@@ -204,6 +205,7 @@ class Subscriber:
     def end(self, failure: Failure | None = None) -> None:
         """The call is over for this client."""
         self.unregister()
+        self.ended = True
         if not self.done.called:
             if failure is None:
                 self.done.callback(None)
@@ -242,8 +244,16 @@ class Fanout:
         fan-out stops keeping (``overflowed``) and takes no new joiners.
     """
 
-    def __init__(self, meter: StreamMeter | None, keep: int, on_empty: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        meter: StreamMeter | None,
+        keep: int,
+        on_empty: Callable[[], None],
+        on_complete: Callable[[], None] = lambda: None,
+    ) -> None:
         self.meter = meter
+        self.on_complete = on_complete
+        self._completed = False
         self.parser = SSEParser() if meter is not None else None
         self.keep = keep
         self.on_empty = on_empty
@@ -316,6 +326,11 @@ class Fanout:
                 if plain is None:
                     plain = pieces[0][0] if len(pieces) == 1 else b"".join(raw for raw, _ in pieces)
                 sub.write(plain)
+        if self.meter is not None and self.meter.done and not self._completed:
+            # The stream said it is over ([DONE] or response.completed): answer
+            # the clients now; clients such as the SDK hang up at this point.
+            self._completed = True
+            self.on_complete()
 
     # -- back-pressure and departures --
 
@@ -335,7 +350,7 @@ class Fanout:
             self.subscribers.remove(sub)
         was_paused = sub in self._paused
         self._paused.discard(sub)
-        if not self.subscribers:
+        if not any(not s.ended for s in self.subscribers) and not self._completed:
             self.on_empty()
         elif was_paused:
             self.resume(sub)

@@ -138,8 +138,8 @@ class StartState:
 
     last_id: int
     cache_entries: list[Any]
+    cache_stats: Any
     secret: bytes
-    conn_path: str
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -157,13 +157,13 @@ def prepare_database(path: str) -> StartState:
 
     Synchronous: called once at start-up, before the port opens.
     """
-    from ._cache import installation_secret, load_index
+    from ._cache import installation_secret, load_index, load_stats
 
     conn = open_database(path)
     try:
         _recover_spill(conn, path)
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
-        return StartState(last_id, load_index(conn), installation_secret(conn), path)
+        return StartState(last_id, load_index(conn), load_stats(conn), installation_secret(conn))
     finally:
         conn.close()
 

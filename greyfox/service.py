@@ -161,14 +161,20 @@ class GreyFoxService(MultiService):
             self.cache,
             state.secret,
             encoding_for=self.encodings.for_model,
-            on_settle=lambda call, row: self.metrics.observe(row),
+            on_settle=self._settled,
         )
-        self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds())
+        self.cache_stats = state.cache_stats
+        self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
+                       self.cache, self.cache_stats)
         self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
         self.site = Site(self.web.resource())
         self.site.displayTracebacks = False
         self.listener = _Listener(reactor, settings.listen, self.site)
         self.listener.setServiceParent(self)
+
+    def _settled(self, call: Any, row: Any) -> None:
+        self.metrics.observe(row)
+        self.cache_stats.observe(row.cache, row.saved_tokens, row.saved_usd)
 
     def startService(self) -> None:
         s = self.settings

@@ -1,0 +1,407 @@
+"""Pay for a prompt once: cache hits, controls, coalescing, replay mode and cassettes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+import pytest_twisted
+from hypothesis import given, strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
+
+from greyfox._cache import Cache, CacheEntry
+from greyfox._cachekey import SHARED, cache_key, canonical_json, credential_scope
+from greyfox._cli import main as cli
+
+from . import fakeupstream
+from .conftest import PROXY_KEY, eventually, in_thread, post_json
+from .test_ledger import get_json, rows
+from .test_proxy import RawClient, _wait, raw_post
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
+
+
+def sdk(proxy: Any, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.v1, api_key=kw.pop("api_key", "sk-client"), max_retries=0, **kw)
+
+
+def chat_raw(client: openai.OpenAI, **body: Any) -> tuple[str, str, Any]:
+    raw = client.chat.completions.with_raw_response.create(**body)
+    return raw.headers.get("x-greyfox-cache"), raw.headers.get("age"), raw.parse()
+
+
+async def stored(proxy: Any, n: int) -> None:
+    """Wait until the cache holds ``n`` entries (stores are written off the request path)."""
+    await eventually(lambda: len(proxy.service.cache) == n)
+
+
+# -- keys (pure) --
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+bodies = st.dictionaries(st.text(min_size=1, max_size=8), json_values, min_size=1, max_size=6)
+
+
+@given(bodies)
+def test_key_ignores_key_order_and_whitespace(body):
+    shuffled = dict(reversed(list(body.items())))
+    reparsed = json.loads(json.dumps(body, indent=3))
+    assert cache_key("openai", "/chat/completions", body) == cache_key("openai", "/chat/completions", shuffled)
+    assert cache_key("openai", "/chat/completions", body) == cache_key("openai", "/chat/completions", reparsed)
+
+
+@given(bodies, st.data())
+def test_any_changed_value_changes_the_key(body, data):
+    field = data.draw(st.sampled_from(sorted(body)))
+    new_value = data.draw(json_values.filter(lambda v: canonical_json(v) != canonical_json(body[field])))
+    if field == "stream_options":
+        return  # the one field that never splits entries
+    changed = dict(body, **{field: new_value})
+    assert cache_key("openai", "/chat/completions", body) != cache_key("openai", "/chat/completions", changed)
+
+
+def test_key_covers_upstream_and_path_but_not_stream_options():
+    body = dict(CHAT, stream=True)
+    key = cache_key("openai", "/chat/completions", body)
+    assert key != cache_key("deepseek", "/chat/completions", body)
+    assert key != cache_key("openai", "/completions", body)
+    assert key == cache_key("openai", "/chat/completions", dict(body, stream_options={"include_usage": True}))
+
+
+def test_credential_fingerprint_is_keyed_and_hides_the_credential():
+    a = credential_scope(b"secret-1", b"Bearer sk-alice")
+    assert a != credential_scope(b"secret-2", b"Bearer sk-alice")
+    assert a != credential_scope(b"secret-1", b"Bearer sk-bob")
+    assert "sk-alice" not in a
+
+
+# -- the index (no reactor) --
+
+
+def entry(key: str, size_hint: int = 0, created: float = 0.0, model: str = "m") -> CacheEntry:
+    return CacheEntry(key, SHARED, "openai", "/chat/completions", model, False, 200, "application/json", created, created)
+
+
+class FakeDB:
+    def __init__(self) -> None:
+        self.bodies: dict[tuple[str, str], bytes] = {}
+
+    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        name = fn.__name__
+        if name == "_store_txn":
+            e, data = args
+            self.bodies[(e.key, e.scope)] = data
+            return succeed(len(data))
+        if name == "_delete_txn":
+            for k in args[0]:
+                self.bodies.pop(k, None)
+            return succeed(None)
+        if name == "_body_txn":
+            return succeed(self.bodies.get(args))
+        return succeed(None)
+
+
+def test_ttl_expires_entries():
+    clock = Clock()
+    cache = Cache(FakeDB().run, clock, ttl=60)
+    cache.store(entry("a" * 64, created=0), b"{}")
+    assert cache.lookup("a" * 64, [SHARED]) is not None
+    clock.advance(61)
+    assert cache.lookup("a" * 64, [SHARED]) is None and len(cache) == 0
+
+
+def test_size_cap_evicts_least_recently_used():
+    clock, db = Clock(), FakeDB()
+    cache = Cache(db.run, clock, max_bytes=250)
+    for name in "abc":
+        cache.store(entry(name * 64), b"x" * 100)
+        clock.advance(1)
+    # a and b are stored, c pushed a out... unless a was used: use b, then store d
+    assert cache.lookup("a" * 64, [SHARED]) is None
+    Deferred.fromCoroutine(cache.body(cache.lookup("b" * 64, [SHARED])))
+    cache.store(entry("d" * 64), b"x" * 100)
+    assert cache.lookup("b" * 64, [SHARED]) is not None
+    assert cache.lookup("c" * 64, [SHARED]) is None
+    assert cache.bytes <= 250 and ("c" * 64, SHARED) not in db.bodies
+
+
+# -- through the proxy --
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_identical_request_is_a_hit_and_the_upstream_is_paid_once(start_proxy):
+    proxy = await start_proxy()
+    client = sdk(proxy)
+    first = await in_thread(chat_raw, client, **CHAT)
+    await stored(proxy, 1)
+    second = await in_thread(chat_raw, client, **CHAT)
+    assert first[0] == "MISS" and second[0] == "HIT"
+    assert second[1] is not None and int(second[1]) >= 0
+    assert second[2].choices[0].message.content == fakeupstream.REPLY
+    assert second[2].usage.total_tokens == P + C  # the upstream's own usage block
+    assert len(proxy.upstream.received) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "gpt-4o"},
+        {"messages": [{"role": "user", "content": "Say hello!"}]},
+        {"temperature": 0.5},
+        {"seed": 7},
+        {"max_tokens": 20},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]},
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_any_output_relevant_change_is_a_miss(start_proxy, change):
+    proxy = await start_proxy()
+    client = sdk(proxy)
+    await in_thread(chat_raw, client, **CHAT)
+    await stored(proxy, 1)
+    outcome, _, _ = await in_thread(chat_raw, client, **dict(CHAT, **change))
+    assert outcome == "MISS"
+    assert len(proxy.upstream.received) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_hit_replays_the_same_text_as_sse(start_proxy):
+    proxy = await start_proxy()
+    client = sdk(proxy)
+
+    def stream(**extra: Any) -> tuple[str, str, list[Any]]:
+        raw = client.chat.completions.with_raw_response.create(**CHAT, stream=True, **extra)
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return raw.headers.get("x-greyfox-cache"), text, chunks
+
+    miss = await in_thread(stream)
+    await stored(proxy, 1)
+    hit = await in_thread(stream)
+    with_usage = await in_thread(stream, stream_options={"include_usage": True})
+    assert (miss[0], hit[0], with_usage[0]) == ("MISS", "HIT", "HIT")
+    assert miss[1] == hit[1] == with_usage[1] == fakeupstream.REPLY
+    assert all(c.choices for c in hit[2])  # no usage chunk: this client did not ask
+    assert with_usage[2][-1].usage.total_tokens == P + C  # this one did, and gets the original
+    assert len(proxy.upstream.received) == 1
+
+
+@pytest.mark.parametrize("model", ["drop-after-2", "fail-500", "fail-429"])
+@pytest_twisted.ensureDeferred
+async def test_truncated_streams_and_errors_are_not_stored(start_proxy, http, model):
+    proxy = await start_proxy()
+    body = dict(CHAT, model=model, stream=model.startswith("drop"))
+    for _ in range(2):
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", body)
+        assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"MISS"]
+    assert len(proxy.service.cache) == 0
+    assert len(proxy.upstream.received) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_aborted_stream_is_not_stored(start_proxy, http):
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: client.received.count(b"data: ") >= 2)
+    client.transport.abortConnection()
+    assert await _wait(proxy.upstream.lost[0], 2) is True
+    await eventually(lambda: proxy.service.ledger.written >= 1)
+    assert len(proxy.service.cache) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_controls_bypass_refresh_no_cache_no_store(start_proxy, http):
+    proxy = await start_proxy()
+    url = proxy.v1 + "/chat/completions"
+
+    async def outcome(headers: dict[str, str]) -> str:
+        response, _ = await post_json(http, url, CHAT, headers)
+        return response.headers.getRawHeaders(b"x-greyfox-cache")[0].decode()
+
+    assert await outcome({"cache-control": "no-store"}) == "MISS"
+    assert len(proxy.service.cache) == 0
+    assert await outcome({"x-greyfox-cache": "bypass"}) == "BYPASS"
+    assert len(proxy.service.cache) == 0
+    assert await outcome({"x-greyfox-cache": "refresh"}) == "REFRESH"
+    await stored(proxy, 1)
+    assert await outcome({}) == "HIT"
+    assert await outcome({"cache-control": "no-cache"}) == "REFRESH"
+    assert await outcome({"x-greyfox-cache": "bypass"}) == "BYPASS"
+    assert len(proxy.upstream.received) == 5
+    got = await rows(http, proxy)
+    assert [r["cache"] for r in got] == ["BYPASS", "REFRESH", "HIT", "REFRESH", "BYPASS", "MISS"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_passthrough_mode_never_caches(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_MODE="passthrough")
+    for _ in range(2):
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+        assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"BYPASS"]
+    assert len(proxy.upstream.received) == 2 and len(proxy.service.cache) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_twenty_identical_concurrent_requests_pay_once(start_proxy, http, stream):
+    proxy = await start_proxy()
+    proxy.upstream.delay = 0.3
+    body = dict(CHAT, stream=stream)
+    calls = [Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", body, {"x-app-user-id": f"u{i}"}))
+             for i in range(20)]
+    results = await DeferredList(calls, fireOnOneErrback=True)
+    assert len(proxy.upstream.received) == 1
+    outcomes = sorted(r.headers.getRawHeaders(b"x-greyfox-cache")[0] for ok, (r, _) in results)
+    assert outcomes == [b"HIT"] * 19 + [b"MISS"]
+    for ok, (response, data) in results:
+        assert response.code == 200
+        if stream:
+            assert b"[DONE]" in data and b'"choices": []' not in data
+            text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                           for line in data.split(b"\n\n") if line.startswith(b"data: {"))
+            assert text == fakeupstream.REPLY
+        else:
+            assert json.loads(data)["choices"][0]["message"]["content"] == fakeupstream.REPLY
+    got = await rows(http, proxy)
+    charged = [r for r in got if r["cache"] != "HIT"]
+    assert len(got) == 20 and len(charged) == 1 and charged[0]["total_tokens"] == P + C
+    assert all(r["cost_usd"] == 0 and r["saved_tokens"] == P + C for r in got if r["cache"] == "HIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_coalesced_followers_share_the_leaders_error_and_nothing_is_stored(start_proxy, http):
+    proxy = await start_proxy()
+    proxy.upstream.delay = 0.3
+    body = dict(CHAT, model="fail-500")
+    results = await DeferredList([Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", body)) for _ in range(5)])
+    assert len(proxy.upstream.received) == 1
+    assert all(r.code == 500 and json.loads(d)["error"]["message"] == "fake failure 500" for ok, (r, d) in results)
+    assert len(proxy.service.cache) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_mode_never_calls_the_upstream(start_proxy, http, tmp_path):
+    db = str(tmp_path / "replay.db")
+    recorder = await start_proxy(db=db)
+    await post_json(http, recorder.v1 + "/chat/completions", CHAT)
+    await stored(recorder, 1)
+    # The same request in replay mode, by header: a hit.
+    response, body = await post_json(http, recorder.v1 + "/chat/completions", CHAT, {"x-greyfox-mode": "replay"})
+    assert response.code == 200 and response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]
+    await recorder.stop()
+    replayer = await start_proxy(db=db, GREYFOX_MODE="replay", OPENAI_API_KEY="")
+    before = len(replayer.upstream.received)
+    response, body = await post_json(http, replayer.v1 + "/chat/completions", CHAT)
+    assert response.code == 200 and json.loads(body)["choices"][0]["message"]["content"] == fakeupstream.REPLY
+    response, body = await post_json(http, replayer.v1 + "/chat/completions", dict(CHAT, seed=1))
+    error = json.loads(body)["error"]
+    assert response.code == 404 and error["type"] == "cache_miss"
+    assert error["key"] == cache_key("openai", "/chat/completions", dict(CHAT, seed=1))
+    assert len(replayer.upstream.received) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_pass_through_credentials_never_share_entries(start_proxy, http):
+    proxy = await start_proxy(OPENAI_API_KEY="")  # no key of our own: clients' keys pass through
+    url = proxy.v1 + "/chat/completions"
+
+    async def outcome(key: str) -> str:
+        response, _ = await post_json(http, url, CHAT, {"authorization": f"Bearer {key}"})
+        return response.headers.getRawHeaders(b"x-greyfox-cache")[0].decode()
+
+    assert await outcome("sk-alice") == "MISS"
+    await stored(proxy, 1)
+    assert await outcome("sk-bob") == "MISS"
+    await stored(proxy, 2)
+    assert await outcome("sk-alice") == "HIT"
+    assert await outcome("sk-bob") == "HIT"
+    assert [r.header("authorization") for r in proxy.upstream.received] == ["Bearer sk-alice", "Bearer sk-bob"]
+    for e in proxy.service.cache.entries():
+        assert "sk-" not in e.scope
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotating_our_own_key_keeps_the_cache_and_clients_of_any_key_read_it(start_proxy, http, tmp_path):
+    db = str(tmp_path / "rotate.db")
+    first = await start_proxy(db=db, OPENAI_API_KEY="sk-old-key")
+    await post_json(http, first.v1 + "/chat/completions", CHAT)
+    await stored(first, 1)
+    await first.stop()
+    second = await start_proxy(db=db, OPENAI_API_KEY="sk-new-key")
+    response, _ = await post_json(http, second.v1 + "/chat/completions", CHAT, {"authorization": "Bearer whatever"})
+    assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]
+    assert len(second.upstream.received) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cassette_export_import_replays_every_entry(start_proxy, http, tmp_path):
+    source = str(tmp_path / "source.db")
+    proxy = await start_proxy(db=source)
+    bodies = [dict(CHAT, seed=i) for i in range(3)] + [dict(CHAT, stream=True), {"model": "text-embedding-3-small", "input": "x"}]
+    paths = ["/chat/completions"] * 4 + ["/embeddings"]
+    for path, body in zip(paths, bodies):
+        await post_json(http, proxy.v1 + path, body)
+    await stored(proxy, 5)
+    await proxy.stop()
+    cassette = tmp_path / "cassette.jsonl"
+    assert cli(["--db", source, "cache", "export", str(cassette)]) == 0
+    lines = cassette.read_text().splitlines()
+    assert len(lines) == 5 and PROXY_KEY not in cassette.read_text()
+    target = str(tmp_path / "ci.db")
+    assert cli(["--db", target, "cache", "import", str(cassette)]) == 0
+    assert cli(["--db", target, "cache", "import", str(cassette)]) == 0  # idempotent
+    replay = await start_proxy(db=target, GREYFOX_MODE="replay", OPENAI_API_KEY="")
+    assert len(replay.service.cache) == 5
+    seen = len(replay.upstream.received)
+    for path, body in zip(paths, bodies):
+        response, data = await post_json(http, replay.v1 + path, body)
+        assert response.code == 200, data
+    assert len(replay.upstream.received) == seen
+
+
+def test_corrupted_cassette_line_is_rejected_with_its_number(tmp_path, capsys):
+    good = {"version": 1, "key": "a" * 64, "upstream": "openai", "path": "/chat/completions", "model": "m",
+            "stream": False, "status": 200, "content_type": "application/json", "created": 1.0,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0}, "cost_usd": None, "body": "{}"}
+    cassette = tmp_path / "bad.jsonl"
+    cassette.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, key="b" * 64)) + "\n{oops\n")
+    db = str(tmp_path / "t.db")
+    assert cli(["--db", db, "cache", "import", str(cassette)]) == 1
+    assert "line 3" in capsys.readouterr().err
+    cassette.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, status=500)) + "\n")
+    assert cli(["--db", db, "cache", "import", str(cassette)]) == 1
+    assert "line 2" in capsys.readouterr().err
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM cache").fetchone()[0] == 0  # nothing half-imported
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_api_counts_and_clears(start_proxy, http):
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="gpt-4o"))
+    await stored(proxy, 2)
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    await eventually(lambda: proxy.service.ledger.pending == 0)
+    code, info = await get_json(http, proxy.url + "/api/cache")
+    assert (info["entries"], info["hits"], info["misses"], info["saved_tokens"]) == (2, 1, 2, P + C)
+    assert info["bytes"] > 0 and info["saved_usd"] > 0
+    response = await http.delete(proxy.url + "/api/cache?model=gpt-4o")
+    assert json.loads(await response.content())["deleted"] == 1
+    response = await http.delete(proxy.url + "/api/cache")
+    assert json.loads(await response.content())["deleted"] == 1
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"MISS"]

@@ -6,7 +6,6 @@ Everything listens on 127.0.0.1 port 0; nothing leaves the machine.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, AsyncIterator
 
 import attr

@@ -14,7 +14,6 @@ from typing import Any
 import openai
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
 from . import fakeupstream

@@ -8,7 +8,6 @@ import socket
 from typing import Any
 
 import openai
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred

@@ -2,7 +2,7 @@
 
 import json
 
-from greyfox._sse import Event, SSEParser
+from greyfox._sse import Event
 from greyfox._tokens import IncrementalCounter
 from greyfox._usage import StreamMeter, Usage, is_usage_only, parse_usage, usage_from_body
 

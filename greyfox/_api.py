@@ -9,6 +9,7 @@ ago is already in ``/api/requests``.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date, datetime, time, timedelta
 from typing import Any, Callable, Mapping
@@ -20,6 +21,9 @@ from . import __version__
 from . import _errors as errors
 from ._cache import Cache, CacheStats
 from ._config import Settings
+from ._quota import Overrides, Quotas
+from ._proxy import valid_user
+from ._store import set_budget_txn, set_override_txn
 from ._store import GROUPS, Ledger, requests_txn, usage_txn
 
 Result = tuple[int, dict[str, Any]]
@@ -49,6 +53,16 @@ def _whole(value: str, name: str, low: int, high: int) -> int:
     return n
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise errors.bad_request("The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(doc, dict):
+        raise errors.bad_request("The request body must be a JSON object.", "invalid_json")
+    return doc
+
+
 class Api:
     def __init__(
         self,
@@ -59,9 +73,11 @@ class Api:
         started: float,
         cache: Cache,
         cache_stats: CacheStats,
+        quotas: Quotas,
     ) -> None:
         self.cache = cache
         self.cache_stats = cache_stats
+        self.quotas = quotas
         self.settings = settings
         self.ledger = ledger
         self.run = run
@@ -177,6 +193,68 @@ class Api:
             older_than = self.seconds() - n * 86400
         deleted = await self.cache.clear(model=model, older_than=older_than)
         return 200, {"deleted": deleted, "entries": len(self.cache), "bytes": self.cache.bytes}
+
+    # -- quotas --
+
+    def _iso(self, ts: float) -> str:
+        return datetime.fromtimestamp(ts, self.tz).isoformat()
+
+    def quotas_view(self) -> Result:
+        now = self.seconds()
+        users = self.quotas.users(now)
+        for u in users:
+            u["resets_at"] = self._iso(u["resets_at"])
+            if u["breaker_until"] is not None:
+                u["breaker_until"] = self._iso(u["breaker_until"])
+        view = self.quotas.global_view(now)
+        view["resets_at"] = self._iso(view["resets_at"])
+        return 200, {
+            "defaults": {"daily_tokens": self.settings.daily_tokens or None, "rpm": self.settings.user_rpm or None,
+                         "tpm": self.settings.user_tpm or None},
+            "users": users,
+            "global": view,
+        }
+
+    async def set_user(self, user: str, body: bytes) -> Result:
+        """``PUT /api/quotas/{user}``: set or clear (null) a user's limits; effective at once."""
+        if not valid_user(user):
+            raise errors.bad_request("Not a valid user id.", "invalid_user_id")
+        doc = _json_object(body)
+        current = self.quotas.overrides.get(user, Overrides())
+        values = {}
+        for field in ("daily_tokens", "rpm", "tpm"):
+            if field not in doc:
+                values[field] = getattr(current, field)
+                continue
+            value = doc[field]
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise errors.bad_request(f"{field} must be a whole number >= 0 or null.", "invalid_number", field)
+            values[field] = value
+        unknown = set(doc) - {"daily_tokens", "rpm", "tpm"}
+        if unknown:
+            raise errors.bad_request(f"Unknown field(s): {', '.join(sorted(unknown))}.", "invalid_field")
+        overrides = Overrides(**values)
+        await self.run(set_override_txn, user, (overrides.daily_tokens, overrides.rpm, overrides.tpm))
+        if overrides.is_empty():
+            self.quotas.overrides.pop(user, None)
+        else:
+            self.quotas.overrides[user] = overrides
+        return 200, {"user": user, "overrides": values}
+
+    async def set_budget(self, body: bytes) -> Result:
+        """``PUT /api/quotas``: the global daily budget (null = back to the setting)."""
+        doc = _json_object(body)
+        if "daily_budget_usd" not in doc:
+            raise errors.bad_request("Send {\"daily_budget_usd\": x}.", "invalid_field", "daily_budget_usd")
+        value = doc["daily_budget_usd"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise errors.bad_request("daily_budget_usd must be a number >= 0 or null.", "invalid_number", "daily_budget_usd")
+        await self.run(set_budget_txn, None if value is None else float(value))
+        self.quotas.daily_budget_usd = self.settings.daily_budget_usd if value is None else float(value)
+        return 200, {"daily_budget_usd": self.quotas.daily_budget_usd or None}
+
+    def reset_breaker(self, user: str) -> Result:
+        return 200, {"user": user, "reset": self.quotas.reset_breaker(user)}
 
     def health(self) -> Result:
         if self.ledger.degraded is not None:

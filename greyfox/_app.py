@@ -140,6 +140,22 @@ class GreyFoxApp:
     def cache_clear(self, request: IRequest) -> Deferred[bytes]:
         return ensureDeferred(self._admin_call(request, lambda: self.api.cache_clear(request.args)))
 
+    @app.route("/api/quotas", methods=["GET"])
+    def quotas(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, self.api.quotas_view))
+
+    @app.route("/api/quotas", methods=["PUT"])
+    def set_budget(self, request: IRequest) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.set_budget(request.content.read())))
+
+    @app.route("/api/quotas/<user>", methods=["PUT"])
+    def set_user_quota(self, request: IRequest, user: str) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.set_user(user, request.content.read())))
+
+    @app.route("/api/quotas/<user>/breaker", methods=["DELETE"])
+    def reset_breaker(self, request: IRequest, user: str) -> Deferred[bytes]:
+        return ensureDeferred(self._admin_call(request, lambda: self.api.reset_breaker(user)))
+
     @app.route("/api", branch=True)
     def api_unknown(self, request: IRequest) -> bytes:
         try:

@@ -101,6 +101,7 @@ class Body:
 
 
 def _store_txn(txn: Any, entry: CacheEntry, body: bytes) -> int:
+    """Compress and write (in the pool's thread; ``entry`` is a private copy)."""
     blob = zlib.compress(body, 6)
     entry.size = len(blob)
     txn.execute(
@@ -228,26 +229,30 @@ class Cache:
         return body
 
     def store(self, entry: CacheEntry, data: bytes) -> Deferred[Any]:
-        """Store a complete answer; fires when it is written (failures are logged)."""
+        """Store a complete answer.  It is served from memory at once; the
+        returned Deferred fires when it is written (a failed write is logged
+        and the entry dropped)."""
         if len(data) > MAX_ENTRY_BYTES:
             return succeed(None)
         old = self._index.pop(entry.id, None)
         if old is not None:
             self.bytes -= old.size
+        self._index[entry.id] = entry
         self._keep_hot(entry.id, Body.of(data, entry.stream))
 
         def written(size: int) -> None:
-            entry.size = size
-            self._index[entry.id] = entry
-            self._index.move_to_end(entry.id)
-            self.bytes += size
-            self._evict()
+            if self._index.get(entry.id) is entry:
+                entry.size = size
+                self.bytes += size
+                self._evict()
 
         def failed(f: Any) -> None:
+            if self._index.get(entry.id) is entry:
+                del self._index[entry.id]
             self._drop_hot(entry.id)
             log.warn("cache: could not store an entry ({reason})", reason=f.getErrorMessage())
 
-        return self._run(_store_txn, entry, data).addCallbacks(written, failed)
+        return self._run(_store_txn, attr.evolve(entry), data).addCallbacks(written, failed)
 
     def clear(self, model: str | None = None, older_than: float | None = None) -> Deferred[int]:
         """Remove entries (all, or of one model, or created before a time); fires with the count."""

@@ -10,6 +10,7 @@ queued at the end (:meth:`Proxy.settle`).
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
@@ -32,6 +33,8 @@ from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight, _describe as describe
 from ._routing import Route, bearer, request_headers, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
+from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
+from ._tokens import estimate_prompt_tokens
 from ._usage import Usage
 
 log = Logger()
@@ -75,6 +78,7 @@ class Call:
     replay: bool = False
     wants_usage_chunk: bool = False
     flight: Any = None
+    reservation: Reservation | None = None
 
     @property
     def endpoint(self) -> str:
@@ -110,6 +114,7 @@ class Proxy:
         prices: PriceTable,
         cache: Cache,
         secret: bytes,
+        quotas: Quotas,
         encoding_for: Callable[[str], Any] = lambda model: None,
         on_settle: Callable[[Call, LedgerRow], None] = lambda call, row: None,
     ) -> None:
@@ -120,6 +125,7 @@ class Proxy:
         self.prices = prices
         self.cache = cache
         self.secret = secret
+        self.quotas = quotas
         self.encoding_for = encoding_for
         self.on_settle = on_settle
         self.tz = ZoneInfo(settings.tz)
@@ -153,6 +159,7 @@ class Proxy:
             else:
                 call.cache = "HIT"
             request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
+            self.remaining_header(call, request)
             await flight.subscribe(request, call).done
             return b""
         except ApiError as e:
@@ -301,6 +308,7 @@ class Proxy:
         request.setHeader(b"X-GreyFox-Cache", b"HIT")
         request.setHeader(b"Age", str(max(0, int(now - entry.created))).encode())
         request.setHeader(b"content-length", str(len(data)).encode())
+        self.remaining_header(call, request)
         request.write(data)
         return True
 
@@ -327,7 +335,35 @@ class Proxy:
             del self.flights[flight.entry_id]
 
     def admit(self, call: Call) -> None:
-        """Quota admission (reserve before the upstream is paid).  No limits yet."""
+        """Reserve the request's worst case against every limit, before the upstream is paid."""
+        quotas = self.quotas
+        user, now = call.user, self.clock.seconds()
+        tokens, usd, fingerprint = 0, 0.0, None
+        doc = call.doc
+        if doc is not None:
+            fingerprint = conversation_fingerprint(call.model, doc)
+            if quotas.counts_tokens(user):
+                prompt = estimate_prompt_tokens(self.encoding_for(call.model or ""), doc)
+                completion = _max_output(doc, call.subpath, self.settings.default_max_tokens)
+                tokens = prompt + completion
+                usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
+        try:
+            call.reservation = quotas.admit(user, tokens, usd, fingerprint, now)
+        except Refused as r:
+            if r.code == "runaway_loop":
+                log.warn("runaway-loop breaker: {message}", message=r.message)
+            headers = [("Retry-After", str(max(1, math.ceil(r.retry_after)))), ("x-should-retry", "false"),
+                       ("X-RateLimit-Reset-Tokens", duration(r.retry_after))]
+            if r.limit is not None:
+                headers.append(("X-RateLimit-Limit-Tokens", str(r.limit)))
+            if r.remaining is not None:
+                headers.append(("X-RateLimit-Remaining-Tokens", str(r.remaining)))
+            raise ApiError(429, r.message, "quota_exceeded", r.code, headers=tuple(headers)) from None
+
+    def remaining_header(self, call: Call, request: IRequest) -> None:
+        remaining = self.quotas.remaining(call.user, self.clock.seconds())
+        if remaining is not None:
+            request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
 
     async def forward(self, call: Call) -> Any:
         """Send the request upstream; the response once its headers arrive."""
@@ -403,6 +439,9 @@ class Proxy:
         saved_tokens, saved_usd = 0, 0.0
         if call.cache == "HIT":
             saved_tokens, saved_usd, cost = usage.total_tokens, cost or 0.0, 0.0
+        if call.reservation is not None:
+            charged = call.usage is not None and call.cache != "HIT"
+            self.quotas.settle(call.reservation, usage.total_tokens if charged else 0, (cost or 0.0) if charged else 0.0)
         row = LedgerRow(
             id=call.id,
             ts=call.started,
@@ -431,6 +470,18 @@ class Proxy:
 
     def day_of(self, ts: float) -> str:
         return datetime.fromtimestamp(ts, self.tz).date().isoformat()
+
+
+def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:
+    """The most completion tokens a request asks for; the configured default if it sets none."""
+    if subpath == b"/embeddings":
+        return 0
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = doc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            n = doc.get("n")
+            return value * (n if isinstance(n, int) and n > 1 else 1)
+    return default
 
 
 def _is_json(content_type: str) -> bool:

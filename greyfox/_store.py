@@ -75,6 +75,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX cache_last_used ON cache (last_used)",
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    (
+        """CREATE TABLE quota_overrides (
+            user TEXT PRIMARY KEY,
+            daily_tokens INTEGER,
+            rpm INTEGER,
+            tpm INTEGER
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -140,6 +148,8 @@ class StartState:
     cache_entries: list[Any]
     cache_stats: Any
     secret: bytes
+    overrides: dict[str, tuple[int | None, int | None, int | None]]
+    budget_override: float | None
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -163,7 +173,12 @@ def prepare_database(path: str) -> StartState:
     try:
         _recover_spill(conn, path)
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
-        return StartState(last_id, load_index(conn), load_stats(conn), installation_secret(conn))
+        overrides = {u: (d, r, t) for u, d, r, t in conn.execute("SELECT user, daily_tokens, rpm, tpm FROM quota_overrides")}
+        budget = conn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'").fetchone()
+        return StartState(
+            last_id, load_index(conn), load_stats(conn), installation_secret(conn), overrides,
+            float(budget[0]) if budget else None,
+        )
     finally:
         conn.close()
 
@@ -366,10 +381,10 @@ def usage_txn(txn: Any, group: str, ts_from: float, ts_to: float) -> list[dict[s
                 "prompt_tokens": prompt or 0,
                 "completion_tokens": completion or 0,
                 "total_tokens": total or 0,
-                "cost_usd": round(cost or 0.0, 6),
+                "cost_usd": round(cost or 0.0, 10),
                 "cache_hits": hits or 0,
                 "saved_tokens": saved_t or 0,
-                "saved_usd": round(saved_usd or 0.0, 6),
+                "saved_usd": round(saved_usd or 0.0, 10),
                 "unpriced_requests": unpriced or 0,
             }
         )
@@ -400,10 +415,29 @@ def totals_txn(txn: Any) -> tuple[int, float]:
     return n, cost
 
 
-def day_totals(conn: sqlite3.Connection, day: str) -> Iterable[tuple[str, int, float]]:
-    """(user, tokens, dollars) charged on ``day``; used to rebuild counters at start."""
-    return conn.execute(
-        "SELECT user, SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger "
-        "WHERE day = ? AND cache != 'HIT' GROUP BY user",
-        (day,),
-    ).fetchall()
+def day_totals(path: str, day: str) -> list[tuple[str, int, float]]:
+    """(user, tokens, dollars) charged on ``day``: rebuilds the quota counters at start."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT user, SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger "
+            "WHERE day = ? AND cache != 'HIT' GROUP BY user",
+            (day,),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def set_override_txn(txn: Any, user: str, limits: tuple[int | None, int | None, int | None]) -> None:
+    if all(v is None for v in limits):
+        txn.execute("DELETE FROM quota_overrides WHERE user = ?", (user,))
+    else:
+        txn.execute("INSERT OR REPLACE INTO quota_overrides (user, daily_tokens, rpm, tpm) VALUES (?, ?, ?, ?)",
+                    (user, *limits))
+
+
+def set_budget_txn(txn: Any, usd: float | None) -> None:
+    if usd is None:
+        txn.execute("DELETE FROM meta WHERE name = 'daily_budget_usd'")
+    else:
+        txn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('daily_budget_usd', ?)", (repr(usd),))

@@ -32,7 +32,8 @@ from ._config import Settings
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
-from ._store import Ledger, make_pool, prepare_database, spill
+from ._quota import Limits, Overrides, Quotas
+from ._store import Ledger, day_totals, make_pool, prepare_database, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -152,6 +153,17 @@ class GreyFoxService(MultiService):
         agent = Agent(reactor, connectTimeout=settings.connect_timeout, pool=self.http_pool)
         self.http = HTTPClient(agent, cookiejar=NoCookies())
         self.prices = PriceTable.shipped(settings.prices)
+        now = reactor.seconds()
+        self.quotas = Quotas(
+            Limits(settings.daily_tokens, settings.user_rpm, settings.user_tpm),
+            state.budget_override if state.budget_override is not None else settings.daily_budget_usd,
+            settings.tz,
+            settings.loop_max_repeats,
+            settings.loop_window,
+            now,
+            overrides={u: Overrides(*v) for u, v in state.overrides.items()},
+        )
+        self.quotas.load_day(day_totals(settings.db, self.quotas.day_of(now)))
         self.proxy = Proxy(
             settings,
             self.http,
@@ -160,12 +172,13 @@ class GreyFoxService(MultiService):
             self.prices,
             self.cache,
             state.secret,
+            self.quotas,
             encoding_for=self.encodings.for_model,
             on_settle=self._settled,
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
-                       self.cache, self.cache_stats)
+                       self.cache, self.cache_stats, self.quotas)
         self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
         self.site = Site(self.web.resource())
         self.site.displayTracebacks = False

@@ -1,0 +1,337 @@
+# -*- test-case-name: tests.test_quota -*-
+"""Quota arithmetic: reserve before the upstream is paid, settle after.  Pure.
+
+Every method takes the current time, so tests drive days and minutes with a
+fake clock.  The reactor runs one admission at a time, so check-and-reserve
+is atomic without locks; concurrent requests can overshoot a limit only by
+what a request really used beyond its reservation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from datetime import datetime, time, timedelta
+from typing import Any, Iterable, Mapping
+from zoneinfo import ZoneInfo
+
+import attr
+
+WINDOW = 60.0  # seconds of the per-minute limits
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Limits:
+    """A user's limits; 0 = unlimited."""
+
+    daily_tokens: int = 0
+    rpm: int = 0
+    tpm: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Overrides:
+    """Per-user settings from the admin API; ``None`` = the default."""
+
+    daily_tokens: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def is_empty(self) -> bool:
+        return self.daily_tokens is None and self.rpm is None and self.tpm is None
+
+
+@attr.s(auto_attribs=True)
+class Reservation:
+    """What an admitted request holds until it is settled."""
+
+    user: str
+    day: str
+    tokens: int
+    usd: float
+    tpm_entry: list[float] | None = None  # [time, tokens] in the user's TPM window
+    settled: bool = False
+
+
+class Refused(Exception):
+    """A request that would break a limit.  ``code`` is the API error code."""
+
+    def __init__(self, code: str, message: str, retry_after: float, limit: int | None = None,
+                 remaining: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.limit = limit
+        self.remaining = remaining
+
+
+def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> str:
+    """Model + system prompt + first user message: what a runaway loop keeps resending.
+
+    A loop that appends to a growing conversation keeps the same fingerprint;
+    a different conversation gets another one.
+    """
+    parts: list[Any] = [model]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")][:1]
+        first_user = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"][:1]
+        parts += [system, first_user]
+    else:
+        parts.append(body.get("instructions"))
+        for key in ("prompt", "input"):
+            value = body.get(key)
+            parts.append(value[:1] if isinstance(value, list) else value)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def duration(seconds: float) -> str:
+    """``3725`` -> ``1h2m5s``, the style of OpenAI's ``x-ratelimit-reset-*`` headers."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m or h else "") + f"{s}s"
+    return out
+
+
+@attr.s(auto_attribs=True)
+class _Day:
+    day: str
+    used: dict[str, int] = attr.Factory(dict)
+    reserved: dict[str, int] = attr.Factory(dict)
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+
+
+class Quotas:
+    """Per-user daily tokens, per-minute requests and tokens, a global daily budget,
+    and the runaway-loop breaker.
+
+    Counters live in memory; :meth:`load_day` rebuilds today's from the ledger
+    at start, so a restart keeps the day's spend.
+    """
+
+    def __init__(
+        self,
+        defaults: Limits,
+        daily_budget_usd: float,
+        tz: str,
+        loop_max_repeats: int,
+        loop_window: float,
+        now: float,
+        overrides: Mapping[str, Overrides] | None = None,
+    ) -> None:
+        self.defaults = defaults
+        self.daily_budget_usd = daily_budget_usd
+        self.tz = ZoneInfo(tz)
+        self.loop_max_repeats = loop_max_repeats
+        self.loop_window = loop_window
+        self.overrides: dict[str, Overrides] = dict(overrides or {})
+        self._today = _Day(self.day_of(now))
+        self._requests: dict[str, deque[float]] = {}
+        self._tokens: dict[str, deque[list[float]]] = {}
+        self._loops: dict[tuple[str, str], deque[float]] = {}
+        self.breakers: dict[tuple[str, str], float] = {}  # (user, fingerprint) -> open until
+
+    def load_day(self, used_today: Iterable[tuple[str, int, float]]) -> None:
+        """Add ``(user, tokens, usd)`` already charged today."""
+        for user, tokens, usd in used_today:
+            self._today.used[user] = self._today.used.get(user, 0) + int(tokens or 0)
+            self._today.spent_usd += float(usd or 0)
+
+    # -- time --
+
+    def day_of(self, now: float) -> str:
+        return datetime.fromtimestamp(now, self.tz).date().isoformat()
+
+    def next_midnight(self, now: float) -> float:
+        today = datetime.fromtimestamp(now, self.tz).date()
+        return datetime.combine(today + timedelta(days=1), time(0), self.tz).timestamp()
+
+    def _day(self, now: float) -> _Day:
+        day = self.day_of(now)
+        if day != self._today.day:
+            self._today = _Day(day)
+        return self._today
+
+    # -- limits --
+
+    def limits_for(self, user: str) -> Limits:
+        o = self.overrides.get(user)
+        if o is None:
+            return self.defaults
+        d = self.defaults
+        return Limits(
+            d.daily_tokens if o.daily_tokens is None else o.daily_tokens,
+            d.rpm if o.rpm is None else o.rpm,
+            d.tpm if o.tpm is None else o.tpm,
+        )
+
+    def counts_tokens(self, user: str) -> bool:
+        """Whether any limit needs this user's requests estimated in tokens or dollars."""
+        limits = self.limits_for(user)
+        return bool(limits.daily_tokens or limits.tpm or self.daily_budget_usd)
+
+    def remaining(self, user: str, now: float) -> int | None:
+        """Daily tokens the user may still reserve, or ``None`` when unlimited."""
+        limit = self.limits_for(user).daily_tokens
+        if not limit:
+            return None
+        day = self._day(now)
+        return max(0, limit - day.used.get(user, 0) - day.reserved.get(user, 0))
+
+    def admit(self, user: str, tokens: int, usd: float, fingerprint: str | None, now: float) -> Reservation:
+        """Check every limit, then reserve; raise :class:`Refused` naming the first that would break."""
+        day = self._day(now)
+        limits = self.limits_for(user)
+        self._check_loop(user, fingerprint, now)
+
+        requests = self._requests.setdefault(user, deque())
+        _expire(requests, now)
+        if limits.rpm and len(requests) + 1 > limits.rpm:
+            raise Refused("rate_limit", f"User {user!r} is over {limits.rpm} requests per minute (GREYFOX_USER_RPM).",
+                          requests[0] + WINDOW - now, limits.daily_tokens or None, self.remaining(user, now))
+
+        if limits.daily_tokens:
+            left = limits.daily_tokens - day.used.get(user, 0) - day.reserved.get(user, 0)
+            if tokens > left:
+                raise Refused(
+                    "daily_token_limit",
+                    f"User {user!r} has {max(0, left)} of {limits.daily_tokens} daily tokens left; this request may use "
+                    f"up to {tokens} (prompt + max_tokens). The quota resets at midnight ({self.tz.key}).",
+                    self.next_midnight(now) - now, limits.daily_tokens, max(0, left),
+                )
+
+        window = self._tokens.setdefault(user, deque())
+        _expire_pairs(window, now)
+        if limits.tpm:
+            in_window = sum(entry[1] for entry in window)
+            if in_window + tokens > limits.tpm:
+                retry = (window[0][0] + WINDOW - now) if window else WINDOW
+                raise Refused("rate_limit", f"User {user!r} is over {limits.tpm} tokens per minute (GREYFOX_USER_TPM); "
+                              f"this request may use up to {tokens}.", retry, limits.daily_tokens or None,
+                              self.remaining(user, now))
+
+        if self.daily_budget_usd:
+            left_usd = self.daily_budget_usd - day.spent_usd - day.reserved_usd
+            if usd > left_usd or left_usd <= 0:
+                raise Refused(
+                    "daily_budget",
+                    f"The daily budget of ${self.daily_budget_usd:g} is spent (${day.spent_usd:.4f} used, "
+                    f"${day.reserved_usd:.4f} reserved). It resets at midnight ({self.tz.key}).",
+                    self.next_midnight(now) - now, limits.daily_tokens or None, self.remaining(user, now),
+                )
+
+        # Every check passed: reserve against all of them at once.
+        requests.append(now)
+        entry = [now, float(tokens)]
+        window.append(entry)
+        day.reserved[user] = day.reserved.get(user, 0) + tokens
+        day.reserved_usd += usd
+        if fingerprint is not None and self.loop_max_repeats:
+            self._loops.setdefault((user, fingerprint), deque()).append(now)
+        return Reservation(user, day.day, tokens, usd, entry)
+
+    def _check_loop(self, user: str, fingerprint: str | None, now: float) -> None:
+        if fingerprint is None or not self.loop_max_repeats:
+            return
+        key = (user, fingerprint)
+        until = self.breakers.get(key)
+        if until is not None:
+            if now < until:
+                raise Refused("runaway_loop", self._loop_message(user), until - now)
+            del self.breakers[key]
+        calls = self._loops.get(key)
+        if calls is None:
+            return
+        while calls and calls[0] <= now - self.loop_window:
+            calls.popleft()
+        if len(calls) + 1 > self.loop_max_repeats:
+            self.breakers[key] = now + self.loop_window
+            calls.clear()
+            raise Refused("runaway_loop", self._loop_message(user), self.loop_window)
+
+    def _loop_message(self, user: str) -> str:
+        return (
+            f"Runaway loop: user {user!r} sent more than {self.loop_max_repeats} calls with the same model and "
+            f"conversation start within {self.loop_window:g} s. Refused until the window passes or an admin "
+            f"resets it (DELETE /api/quotas/{{user}}/breaker)."
+        )
+
+    def tripped(self, user: str, now: float) -> list[float]:
+        """When each open breaker of ``user`` closes."""
+        return [until for (u, _), until in self.breakers.items() if u == user and until > now]
+
+    def reset_breaker(self, user: str) -> int:
+        keys = [k for k in self.breakers if k[0] == user]
+        for k in keys:
+            del self.breakers[k]
+        for k in [k for k in self._loops if k[0] == user]:
+            del self._loops[k]
+        return len(keys)
+
+    def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
+        """Replace the reservation by what was really charged (0 when nothing was)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        day = self._today
+        if reservation.tpm_entry is not None:
+            reservation.tpm_entry[1] = float(tokens)
+        if day.day != reservation.day:
+            return  # the day rolled over while it ran; the ledger has it on its day
+        day.reserved[reservation.user] = day.reserved.get(reservation.user, 0) - reservation.tokens
+        if not day.reserved[reservation.user]:
+            del day.reserved[reservation.user]
+        day.reserved_usd = max(0.0, day.reserved_usd - reservation.usd)
+        day.used[reservation.user] = day.used.get(reservation.user, 0) + tokens
+        day.spent_usd += usd
+
+    # -- the admin view --
+
+    def users(self, now: float) -> list[dict[str, Any]]:
+        day = self._day(now)
+        names = sorted(set(day.used) | set(day.reserved) | set(self.overrides))
+        resets_at = self.next_midnight(now)
+        out = []
+        for user in names:
+            limits = self.limits_for(user)
+            o = self.overrides.get(user, Overrides())
+            out.append(
+                {
+                    "user": user,
+                    "daily_tokens": limits.daily_tokens or None,
+                    "rpm": limits.rpm or None,
+                    "tpm": limits.tpm or None,
+                    "overrides": attr.asdict(o),
+                    "used": day.used.get(user, 0),
+                    "reserved": day.reserved.get(user, 0),
+                    "remaining": self.remaining(user, now),
+                    "resets_at": resets_at,
+                    "breaker_until": max(self.tripped(user, now), default=None),
+                }
+            )
+        return out
+
+    def global_view(self, now: float) -> dict[str, Any]:
+        day = self._day(now)
+        return {
+            "daily_budget_usd": self.daily_budget_usd or None,
+            "spent_usd": round(day.spent_usd, 10),
+            "reserved_usd": round(day.reserved_usd, 10),
+            "remaining_usd": round(max(0.0, self.daily_budget_usd - day.spent_usd - day.reserved_usd), 10)
+            if self.daily_budget_usd else None,
+            "resets_at": self.next_midnight(now),
+        }
+
+
+def _expire(times: deque[float], now: float) -> None:
+    while times and times[0] <= now - WINDOW:
+        times.popleft()
+
+
+def _expire_pairs(entries: deque[list[float]], now: float) -> None:
+    while entries and entries[0][0] <= now - WINDOW:
+        entries.popleft()

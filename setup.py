@@ -34,6 +34,7 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "openai>=1.40",
+            "playwright>=1.40",
         ],
     },
     entry_points={"console_scripts": ["greyfox = greyfox._cli:main"]},

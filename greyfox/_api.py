@@ -24,7 +24,7 @@ from ._config import Settings
 from ._quota import Overrides, Quotas
 from ._proxy import valid_user
 from ._store import set_budget_txn, set_override_txn
-from ._store import GROUPS, Ledger, requests_txn, usage_txn
+from ._store import GROUPS, SPLITS, Ledger, requests_txn, usage_txn
 
 Result = tuple[int, dict[str, Any]]
 
@@ -99,6 +99,9 @@ class Api:
         group = _arg(args, "group") or "user"
         if group not in GROUPS:
             raise errors.bad_request(f"group must be one of {', '.join(GROUPS)}.", "invalid_group", "group")
+        split = _arg(args, "split") or None
+        if split is not None and (split not in SPLITS or split == group):
+            raise errors.bad_request(f"split must be one of {', '.join(SPLITS)} and differ from group.", "invalid_split", "split")
         today = self.today()
         raw_from, raw_to = _arg(args, "from"), _arg(args, "to")
         day_from = _day(raw_from, "from") if raw_from else today
@@ -106,10 +109,13 @@ class Api:
         if day_to < day_from:
             raise errors.bad_request("to must not be before from.", "invalid_range", "to")
         await self._settled()
-        rows = await self.run(
-            usage_txn, group, self._midnight(day_from), self._midnight(day_to + timedelta(days=1))
-        )
-        return 200, {"group": group, "from": day_from.isoformat(), "to": day_to.isoformat(), "rows": rows}
+        start = self._midnight(day_from)
+        offset = int(datetime.fromtimestamp(start, self.tz).utcoffset().total_seconds())  # type: ignore[union-attr]
+        rows = await self.run(usage_txn, group, start, self._midnight(day_to + timedelta(days=1)), split, offset)
+        doc = {"group": group, "from": day_from.isoformat(), "to": day_to.isoformat(), "rows": rows}
+        if split is not None:
+            doc["split"] = split
+        return 200, doc
 
     async def requests(self, args: Mapping[bytes, list[bytes]]) -> Result:
         limit = _whole(_arg(args, "limit") or "50", "limit", 1, 500)
@@ -175,7 +181,7 @@ class Api:
             "misses": st.misses,
             "hit_rate": round(st.hits / lookups, 4) if lookups else None,
             "saved_tokens": st.saved_tokens,
-            "saved_usd": round(st.saved_usd, 6),
+            "saved_usd": round(st.saved_usd, 10),
         }
 
     async def cache_clear(self, args: Mapping[bytes, list[bytes]]) -> Result:

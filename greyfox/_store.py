@@ -362,33 +362,55 @@ _SUMS = """
     SUM(CASE WHEN cost_usd IS NULL AND cache != 'HIT' AND total_tokens > 0 THEN 1 ELSE 0 END)
 """
 
-GROUPS = {"user": "user", "model": "model", "day": "day", "upstream": "upstream"}
+GROUPS = {"user": "user", "model": "model", "day": "day", "upstream": "upstream", "hour": None}
+SPLITS = {"user": "user", "model": "model", "upstream": "upstream"}
 
 
-def usage_txn(txn: Any, group: str, ts_from: float, ts_to: float) -> list[dict[str, Any]]:
-    """Totals per ``group`` for requests with ``ts_from <= ts < ts_to``."""
-    column = GROUPS[group]
+def usage_txn(
+    txn: Any, group: str, ts_from: float, ts_to: float, split: str | None = None, utc_offset: int = 0
+) -> list[dict[str, Any]]:
+    """Totals per ``group`` (and per ``split`` within it) for ``ts_from <= ts < ts_to``.
+
+    ``group="hour"`` buckets by local hour, using ``utc_offset`` seconds.
+    """
+    column = GROUPS[group] or f"CAST((ts + {int(utc_offset)}) / 3600 AS INTEGER)"
+    select = column if split is None else f"{column}, {SPLITS[split]}"
     txn.execute(
-        f"SELECT {column}, {_SUMS} FROM ledger WHERE ts >= ? AND ts < ? GROUP BY {column} ORDER BY {column}",
+        f"SELECT {select}, {_SUMS} FROM ledger WHERE ts >= ? AND ts < ? GROUP BY {select} ORDER BY {select}",
         (ts_from, ts_to),
     )
     rows = []
-    for key, n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced in txn.fetchall():
-        rows.append(
-            {
-                "key": key,
-                "requests": n,
-                "prompt_tokens": prompt or 0,
-                "completion_tokens": completion or 0,
-                "total_tokens": total or 0,
-                "cost_usd": round(cost or 0.0, 10),
-                "cache_hits": hits or 0,
-                "saved_tokens": saved_t or 0,
-                "saved_usd": round(saved_usd or 0.0, 10),
-                "unpriced_requests": unpriced or 0,
-            }
-        )
+    for record in txn.fetchall():
+        if split is None:
+            key, sub, sums = record[0], None, record[1:]
+        else:
+            key, sub, sums = record[0], record[1], record[2:]
+        if group == "hour":
+            key = _hour_label(key, utc_offset)
+        n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced = sums
+        row = {
+            "key": key,
+            "requests": n,
+            "prompt_tokens": prompt or 0,
+            "completion_tokens": completion or 0,
+            "total_tokens": total or 0,
+            "cost_usd": round(cost or 0.0, 10),
+            "cache_hits": hits or 0,
+            "saved_tokens": saved_t or 0,
+            "saved_usd": round(saved_usd or 0.0, 10),
+            "unpriced_requests": unpriced or 0,
+        }
+        if split is not None:
+            row["split"] = sub
+        rows.append(row)
     return rows
+
+
+def _hour_label(hours: int, utc_offset: int) -> str:
+    from datetime import datetime, timedelta, timezone
+
+    local = datetime.fromtimestamp(hours * 3600 - utc_offset, timezone(timedelta(seconds=utc_offset)))
+    return local.strftime("%Y-%m-%dT%H:00")
 
 
 def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, Any]) -> list[dict[str, Any]]:

@@ -233,3 +233,21 @@ async def test_rows_the_database_refuses_at_shutdown_are_kept_and_inserted_at_ne
     again = await start_proxy(db=db)
     assert len(await rows(http, again)) == 2
     assert not (tmp_path / "spill.db.unsaved.jsonl").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_per_hour_and_split_by_model(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_TZ="Asia/Kolkata")  # a half-hour UTC offset
+    await post_json(http, proxy.v1 + "/chat/completions", distinct(1))
+    await post_json(http, proxy.v1 + "/chat/completions", dict(distinct(2), model="gpt-4o"))
+    code, doc = await get_json(http, proxy.url + "/api/usage?group=hour")
+    [row] = doc["rows"]
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    assert row["key"] == datetime.now(ZoneInfo("Asia/Kolkata")).strftime("%Y-%m-%dT%H:00")
+    code, doc = await get_json(http, proxy.url + "/api/usage?group=day&split=model")
+    assert sorted(r["split"] for r in doc["rows"]) == ["gpt-4o", "gpt-4o-mini"]
+    assert {r["key"] for r in doc["rows"]} == {doc["from"]}
+    code, doc = await get_json(http, proxy.url + "/api/usage?group=model&split=model")
+    assert code == 400

@@ -1,0 +1,346 @@
+"""GreyFox benchmark: the same load direct to a fake upstream and through GreyFox.
+
+One invocation runs every scenario against both targets on this machine and
+prints a table of ratios.  Pinning (2 cores): GreyFox alone on CPU 0; the
+fake upstream and the load drivers on CPU 1.  GreyFox runs as users run it:
+``twistd -n greyfox`` with its ledger and quota stages on (a daily token limit
+set, the loop breaker at its default).
+
+    python bench/run.py            # full run (about two minutes)
+    python bench/run.py --smoke    # seconds: proves the benchmark still works
+
+Load drivers: ``wrk`` (Debian's package; C, so it costs the shared core far
+less than a Python client) with a Lua script that makes every request body
+unique, for the request/response scenarios; a small asyncio client for the
+streaming ones, which need time-to-first-byte and per-chunk counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROXY_CPU, LOAD_CPU = "0", "1"
+
+UNIQUE_LUA = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-App-User-Id"] = "bench"
+local n = 0
+local run = tostring(os.time()) .. tostring(math.random(1, 1000000000))
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil,
+    '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"bench ' .. run .. ' ' .. n .. '"}]}')
+end
+"""
+FIXED_BODY = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"the same prompt"}]}'
+FIXED_LUA = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-App-User-Id"] = "bench"
+wrk.body = '%s'
+""" % FIXED_BODY
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *cmd] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else cmd
+
+
+def wait_http(url: str, timeout: float = 20) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except Exception:
+            time.sleep(0.01)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def post(url: str, body: str) -> bytes:
+    req = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json", "X-App-User-Id": "bench"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def wrk(url: str, conns: int, seconds: float, lua: str) -> dict[str, float]:
+    out = subprocess.run(
+        pinned(LOAD_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", lua, url]),
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "p50": _ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
+        "p99": _ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
+    }
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] = int(errors.group(1)) if errors else 0
+    return result
+
+
+async def _stream_once(port: int, body: bytes) -> tuple[float, float, int]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-App-User-Id: bench\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    start = time.perf_counter()
+    writer.write(request)
+    data = b""
+    ttfb = None
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        data += chunk
+        if ttfb is None and b"data:" in data:
+            ttfb = time.perf_counter() - start
+    total = time.perf_counter() - start
+    writer.close()
+    return (ttfb or total) * 1000, total * 1000, data.count(b"data: {")
+
+
+async def _streams(port: int, conns: int, n: int) -> dict[str, float]:
+    results: list[tuple[float, float, int]] = []
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while len(results) < n:
+            body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 64,
+                               "messages": [{"role": "user", "content": f"stream {time.time()} {next(counter)}"}]}).encode()
+            results.append(await _stream_once(port, body))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    wall = time.perf_counter() - start
+    ttfbs = sorted(r[0] for r in results)
+    totals = sorted(r[1] for r in results)
+    return {
+        "requests": len(results),
+        "ttfb_p50": ttfbs[len(ttfbs) // 2],
+        "total_p50": totals[len(totals) // 2],
+        "chunks_per_s": sum(r[2] for r in results) / wall,
+        "chunks": results[0][2],
+    }
+
+
+def streams(port: int, conns: int, n: int) -> dict[str, float]:
+    return asyncio.run(_streams(port, conns, n))
+
+
+async def _slow_big(port: int, mib: int, pid: int, rate_mib_s: float) -> dict[str, float]:
+    body = json.dumps({"model": f"big-{mib}", "stream": True, "messages": [{"role": "user", "content": f"big {time.time()}"}]}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**16)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    got, peak = 0, 0.0
+    start = time.perf_counter()
+    last_sample = 0.0
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        got += len(chunk)
+        now = time.perf_counter() - start
+        if now - last_sample > 0.05:
+            peak = max(peak, proc_rss_mb(pid))
+            last_sample = now
+        ahead = got / (rate_mib_s * 1024 * 1024) - now
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+    writer.close()
+    return {"bytes": got, "seconds": time.perf_counter() - start, "peak_rss_mb": peak}
+
+
+class GreyFox:
+    """``twistd -n greyfox`` (or another command) pinned to the proxy's CPU."""
+
+    def __init__(self, upstream_port: int, workdir: str, cmd: list[str] | None = None) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        for k in list(env):
+            if k.startswith("GREYFOX_"):
+                del env[k]
+        env.update({
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+            "OPENAI_API_KEY": "sk-bench",
+            "GREYFOX_DAILY_TOKENS": "1000000000000",  # the quota stage runs for every request
+            "GREYFOX_LISTEN": f"tcp:{self.port}:interface=127.0.0.1",
+            "GREYFOX_DB": os.path.join(workdir, f"bench-{self.port}.db"),
+        })
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        cmd = cmd or [twistd, "-n", "--pidfile=", "--logfile=" + os.path.join(workdir, f"twistd-{self.port}.log"), "greyfox"]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(pinned(PROXY_CPU, cmd), env=env, cwd=workdir)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> float:
+        """Seconds from spawn to the first answered chat completion."""
+        wait_http(self.url + "/healthz")
+        post(self.url + "/v1/chat/completions", '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"warm-up"}]}')
+        return time.monotonic() - self.started
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all: checks that the benchmark works")
+    parser.add_argument("--json", help="also write the raw figures to this file")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench: needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    secs = 1 if args.smoke else 8
+    n_streams = 20 if args.smoke else 300
+    big_mib = 5 if args.smoke else 100
+    workdir = tempfile.mkdtemp(prefix="greyfox-bench-")
+    up_port = free_port()
+    upstream = subprocess.Popen(pinned(LOAD_CPU, [sys.executable, os.path.join(HERE, "upstream.py"), str(up_port)]),
+                                stdout=subprocess.PIPE)
+    assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"ready"
+    unique, fixed = os.path.join(workdir, "unique.lua"), os.path.join(workdir, "fixed.lua")
+    open(unique, "w").write(UNIQUE_LUA)
+    open(fixed, "w").write(FIXED_LUA)
+    direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+    try:
+        figures, rows = run_all(up_port, workdir, unique, fixed, direct, secs, n_streams, big_mib)
+    finally:
+        upstream.terminate()
+        upstream.wait()
+    print(table(rows))
+    print(f"\nstart to first served request: {figures['start_to_first_request_s'] * 1000:.0f} ms; "
+          f"idle RSS {figures['idle_rss_mb']:.1f} MB; RSS after the run {figures['rss_after_mb']:.1f} MB")
+    print(f"pinning: GreyFox on CPU {PROXY_CPU}; upstream and load on CPU {LOAD_CPU}; one run, ratios matter more than absolutes")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, secs: float, n_streams: int,
+            big_mib: int) -> tuple[dict[str, Any], list[list[str]]]:
+    figures: dict[str, Any] = {}
+    rows = [["scenario", "direct", "through GreyFox", "ratio", "added latency", "GreyFox CPU / request"]]
+    gf = GreyFox(up_port, workdir)
+    try:
+        figures["start_to_first_request_s"] = gf.ready()
+        time.sleep(0.5)
+        figures["idle_rss_mb"] = proc_rss_mb(gf.proc.pid)
+        proxied = gf.url + "/v1/chat/completions"
+
+        for c in (1, 16, 64):
+            d = wrk(direct, c, secs, unique)
+            cpu0 = proc_cpu(gf.proc.pid)
+            p = wrk(proxied, c, secs, unique)
+            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            figures[f"relay_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
+            rows.append([f"relay, cache miss, c={c}", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
+                         f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
+                         f"{cpu_ms:.3f} ms"])
+
+        post(proxied, FIXED_BODY)  # warm the cache entry
+        for c in (16, 64):
+            d = wrk(direct, c, secs, fixed)
+            cpu0 = proc_cpu(gf.proc.pid)
+            p = wrk(proxied, c, secs, fixed)
+            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            relay = figures[f"relay_c{c}"]["proxy"]["rps"]
+            figures[f"hits_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms, "vs_relay": p["rps"] / relay}
+            rows.append([f"cache hits, c={c}", f"{d['rps']:.0f} req/s (upstream)", f"{p['rps']:.0f} req/s",
+                         f"{p['rps'] / relay:.1f}x relay", f"p50 {p['p50']:.2f} ms, p99 {p['p99']:.2f} ms", f"{cpu_ms:.3f} ms"])
+
+        for c in (1, 16):
+            d = streams(up_port, c, n_streams)
+            cpu0 = proc_cpu(gf.proc.pid)
+            p = streams(gf.port, c, n_streams)
+            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            figures[f"stream_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
+            rows.append([f"stream ({d['chunks']} chunks), c={c}",
+                         f"TTFB {d['ttfb_p50']:.2f} ms, total {d['total_p50']:.2f} ms, {d['chunks_per_s']:.0f} chunks/s",
+                         f"TTFB {p['ttfb_p50']:.2f} ms, total {p['total_p50']:.2f} ms, {p['chunks_per_s']:.0f} chunks/s",
+                         f"{p['chunks_per_s'] / d['chunks_per_s']:.2f}", f"TTFB +{p['ttfb_p50'] - d['ttfb_p50']:.2f} ms",
+                         f"{cpu_ms:.3f} ms"])
+
+        before = proc_rss_mb(gf.proc.pid)
+        big = asyncio.run(_slow_big(gf.port, big_mib, gf.proc.pid, rate_mib_s=25))
+        figures["big_stream"] = dict(big, rss_before_mb=before)
+        rows.append([f"{big_mib} MiB stream, reader at 25 MiB/s", "", f"{big['bytes'] / 1048576:.0f} MiB in {big['seconds']:.1f} s",
+                     "", f"peak RSS {big['peak_rss_mb']:.1f} MB (before {before:.1f} MB)", ""])
+        figures["rss_after_mb"] = proc_rss_mb(gf.proc.pid)
+    finally:
+        gf.stop()
+
+    # The ledger's cost: the same relay with recording switched off (benchmark only).
+    nl = GreyFox(up_port, workdir, [sys.executable, os.path.join(HERE, "noledger.py")])
+    try:
+        nl.ready()
+        off = wrk(nl.url + "/v1/chat/completions", 16, secs, unique)
+        on = figures["relay_c16"]["proxy"]
+        figures["ledger_cost"] = {"ledger_off_rps": off["rps"], "ledger_on_rps": on["rps"]}
+        rows.append(["relay c=16, ledger off vs on", f"{off['rps']:.0f} req/s (off)", f"{on['rps']:.0f} req/s (on)",
+                     f"{on['rps'] / off['rps']:.2f}", "", ""])
+    finally:
+        nl.stop()
+    return figures, rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,6 @@ setup(
     install_requires=[
         "twisted>=24.7",
         "klein>=24.8",
-        "treq>=24.9",
         "tiktoken>=0.8",
         "attrs>=23.1",
         "regex>=2023.0",
@@ -32,6 +31,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "treq>=24.9",
             "hypothesis>=6.100",
             "openai>=1.40",
             "playwright>=1.40",

@@ -278,7 +278,7 @@ def _check_url(url: str, where: str) -> str:
         parsed = None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"{where}: {url!r} is not an http(s) URL")
-    return url.rstrip("/")
+    return parsed.to_uri().to_text().rstrip("/")  # ASCII on the wire (IDNA host, %-escaped path)
 
 
 def _upstreams(file_values: Mapping[str, Any], environ: Mapping[str, str], path: str | None) -> dict[str, Upstream]:

@@ -376,14 +376,7 @@ class Proxy:
         if auth is not None:
             headers.setRawHeaders(b"authorization", [auth])
         url = upstream_url(upstream, call.subpath, call.query)
-        d = self.http.request(
-            call.method,
-            url,
-            headers=headers,
-            data=call.body or None,
-            unbuffered=True,
-            allow_redirects=False,
-        )
+        d = self.http.request(call.method.encode("ascii"), url, headers, call.body or None)
         timed_out = []
 
         def expire() -> None:

@@ -105,11 +105,11 @@ def upstream_authorization(upstream: Upstream, client_authorization: bytes | Non
     return client_authorization
 
 
-def upstream_url(upstream: Upstream, subpath: bytes, query: bytes = b"") -> str:
-    """``base_url`` + the path after ``/v1`` (+ the query string)."""
-    url = upstream.base_url + subpath.decode("latin-1")
+def upstream_url(upstream: Upstream, subpath: bytes, query: bytes = b"") -> bytes:
+    """``base_url`` + the path after ``/v1`` (+ the query string), as sent on the wire."""
+    url = upstream.base_url.encode("ascii") + subpath
     if query:
-        url += "?" + query.decode("latin-1")
+        url += b"?" + query
     return url
 
 

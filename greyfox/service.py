@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from http.cookiejar import CookieJar
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -21,14 +20,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
-from treq.client import HTTPClient
 
 from ._api import Api
 from ._cache import Cache
 from ._app import GreyFoxApp
 from ._config import Settings
+from ._http import QuietSite, UpstreamClient, no_delay_listening
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
@@ -40,19 +37,6 @@ log = Logger()
 
 #: Seconds in-flight requests get to finish when the service stops.
 SHUTDOWN_GRACE = 10.0
-
-
-class NoCookies(CookieJar):
-    """A cookie jar that keeps nothing: one client's cookies never reach another's request."""
-
-    def set_cookie(self, cookie: Any) -> None:
-        pass
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-    def add_cookie_header(self, request: Any) -> None:
-        pass
 
 
 class _Listener(Service):
@@ -76,6 +60,8 @@ class _Listener(Service):
                 raise SystemExit(1)
             failure.raiseException()
         self.port = outcome[0] if outcome else None
+        if self.port is not None:
+            no_delay_listening(self.port)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -148,10 +134,7 @@ class GreyFoxService(MultiService):
         )
         self.encodings = Encodings()
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
-        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http_pool.maxPersistentPerHost = 32
-        agent = Agent(reactor, connectTimeout=settings.connect_timeout, pool=self.http_pool)
-        self.http = HTTPClient(agent, cookiejar=NoCookies())
+        self.http = UpstreamClient(reactor, settings.connect_timeout)
         self.prices = PriceTable.shipped(settings.prices)
         now = reactor.seconds()
         self.quotas = Quotas(
@@ -180,7 +163,7 @@ class GreyFoxService(MultiService):
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
                        self.cache, self.cache_stats, self.quotas)
         self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
-        self.site = Site(self.web.resource())
+        self.site = QuietSite(self.web.resource())
         self.site.displayTracebacks = False
         self.listener = _Listener(reactor, settings.listen, self.site)
         self.listener.setServiceParent(self)
@@ -234,5 +217,5 @@ class GreyFoxService(MultiService):
                          n=len(rows), path=path)
             except OSError as e:
                 log.error("LOST {n} ledger rows: database and side file both failed ({e})", n=len(rows), e=e)
-        yield self.http_pool.closeCachedConnections()
+        yield self.http.close()
         self.dbpool.close()

@@ -69,5 +69,5 @@ def test_authorization_rules():
 
 
 def test_url_joins_base_path_and_query():
-    assert upstream_url(UPSTREAMS["openrouter"], b"/chat/completions") == "https://openrouter.ai/api/v1/chat/completions"
-    assert upstream_url(UPSTREAMS["openai"], b"/models", b"limit=2") == "https://api.openai.com/v1/models?limit=2"
+    assert upstream_url(UPSTREAMS["openrouter"], b"/chat/completions") == b"https://openrouter.ai/api/v1/chat/completions"
+    assert upstream_url(UPSTREAMS["openai"], b"/models", b"limit=2") == b"https://api.openai.com/v1/models?limit=2"

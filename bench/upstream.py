@@ -39,7 +39,9 @@ USAGE_CHUNK = _sse({"id": "c", "object": "chat.completion.chunk", "created": 1, 
                     "usage": {"prompt_tokens": 12, "completion_tokens": 40, "total_tokens": 52}})
 DONE = b"data: [DONE]\n\n"
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-BIG_EVENT = _sse({"choices": [{"index": 0, "delta": {"content": "x" * 4000}}]})
+_WORDS = ("the proxy relays every token as it arrives and counts what it costs while a slow reader "
+          "pauses the upstream so memory stays flat ").split()
+BIG_EVENT = _sse({"choices": [{"index": 0, "delta": {"content": " ".join(_WORDS[i % len(_WORDS)] for i in range(600))}}]})
 
 
 class Upstream(asyncio.Protocol):

@@ -33,6 +33,9 @@ log = Logger()
 
 #: Non-stream bodies up to this size are kept to read their ``usage``.
 KEEP_BODY_BYTES = MAX_ENTRY_BYTES
+#: Streams up to this size are kept for the cache; longer ones are relayed
+#: without keeping, so memory stays flat for any length.
+MAX_STREAM_KEEP = 4 * 1024 * 1024
 
 
 class Flight:
@@ -117,8 +120,8 @@ class Flight:
         enc = proxy.encoding_for(leader.model or "")
         self._counter = IncrementalCounter(enc)
         if content_type.startswith(b"text/event-stream"):
-            self._meter = StreamMeter(self._counter)
-            keep = MAX_ENTRY_BYTES
+            self._meter = StreamMeter(self._counter, expect_usage=_asked_for_usage(leader))
+            keep = MAX_STREAM_KEEP
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0
         self.fanout = Fanout(self._meter, keep, on_empty=self._all_left, on_complete=self._answered)
@@ -165,6 +168,9 @@ class Flight:
         if meter is not None and meter.usage is not None:
             self.usage, self.usage_source = meter.usage, "upstream"
             return
+        if meter is not None and not meter.eager and not meter.blind and self.fanout is not None:
+            meter.catch_up(raw for raw, _ in self.fanout.kept)  # no usage came: count the text now
+            meter.eager = True
         body = self.fanout.body() if self.fanout is not None and meter is None else None
         if body:
             usage = usage_from_body(body)
@@ -178,7 +184,8 @@ class Flight:
         if meter is None and self._counter.total == 0:
             return
         enc = self.proxy.encoding_for(leader.model or "")
-        self.usage = Usage(estimate_prompt_tokens(enc, leader.doc), self._counter.total)
+        completion = self._counter.total + (meter.rough_tokens() if meter is not None else 0)
+        self.usage = Usage(estimate_prompt_tokens(enc, leader.doc), completion)
         self.usage_source = "estimated"
 
     def _store(self, content_type: str) -> None:
@@ -248,6 +255,12 @@ class _Discard:
 
     def connectionLost(self, reason: Any) -> None:
         pass
+
+
+def _asked_for_usage(call: "Call") -> bool:
+    """Whether this stream's upstream was asked to report usage at its end."""
+    options = call.doc.get("stream_options") if call.doc is not None else None
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _is_json(body: bytes) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
@@ -130,6 +130,7 @@ class Quotas:
         self.loop_window = loop_window
         self.overrides: dict[str, Overrides] = dict(overrides or {})
         self._today = _Day(self.day_of(now))
+        self._day_start = self._day_end = 0.0
         self._requests: dict[str, deque[float]] = {}
         self._tokens: dict[str, deque[list[float]]] = {}
         self._loops: dict[tuple[str, str], deque[float]] = {}
@@ -151,9 +152,13 @@ class Quotas:
         return datetime.combine(today + timedelta(days=1), time(0), self.tz).timestamp()
 
     def _day(self, now: float) -> _Day:
+        if self._day_start <= now < self._day_end:  # the common case: no time-zone arithmetic
+            return self._today
         day = self.day_of(now)
         if day != self._today.day:
             self._today = _Day(day)
+        self._day_end = self.next_midnight(now)
+        self._day_start = datetime.combine(date.fromisoformat(day), time(0), self.tz).timestamp()
         return self._today
 
     # -- limits --

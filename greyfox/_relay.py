@@ -316,6 +316,8 @@ class Fanout:
             self.kept.extend(pieces)
             self.kept_bytes += sum(len(raw) for raw, _ in pieces)
             if self.kept_bytes > self.keep:
+                if self.meter is not None and not self.meter.eager:
+                    self.meter.overflow(raw for raw, _ in self.kept)
                 self.overflowed = True
                 self.kept = []
         plain = None

@@ -89,6 +89,11 @@ class IncrementalCounter:
 
     __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all")
 
+    #: A single pre-tokenizer piece longer than this (a run of one character,
+    #: base64...) is counted as it stands, so a pathological stream costs
+    #: linear, not quadratic, time.  Real text never comes near it.
+    MAX_PENDING = 1 << 16
+
     def __init__(self, enc: Any | None) -> None:
         self._enc = enc
         self._pat = regex.compile(enc._pat_str) if enc is not None else None
@@ -110,6 +115,9 @@ class IncrementalCounter:
                 self._counted += len(self._enc.encode_ordinary(pending[start:end]))
                 start = end
             pending = pending[start:]
+        if len(pending) > self.MAX_PENDING:
+            self._counted += len(self._enc.encode_ordinary(pending))
+            pending = ""
         self._pending = pending
 
     @property

@@ -71,23 +71,35 @@ class _Listener(Service):
 
 
 class Encodings:
-    """Tokenizers, loaded once in a thread after start; ``None`` until then."""
+    """Tokenizers, loaded once, in a thread, the first time they are needed.
 
-    def __init__(self) -> None:
+    They take about 70 MB and half a second to load, and a proxy whose
+    upstreams report usage rarely needs them; until they are loaded a count
+    falls back to a rough estimate.  With token limits configured they are
+    loaded at start.
+    """
+
+    def __init__(self, reactor: Any, cache_dir: str) -> None:
+        self._reactor = reactor
+        self._cache_dir = cache_dir
         self._loaded: dict[str, Any] = {}
         self._by_model: dict[str, Any] = {}
+        self._loading: defer.Deferred[None] | None = None
 
-    def load(self, reactor: Any, cache_dir: str) -> defer.Deferred[None]:
-        d = deferToThreadPool(reactor, reactor.getThreadPool(), load_encodings, cache_dir)
+    def load(self) -> defer.Deferred[None]:
+        if self._loading is None:
+            reactor = self._reactor
+            d = deferToThreadPool(reactor, reactor.getThreadPool(), load_encodings, self._cache_dir)
 
-        def loaded(encodings: dict[str, Any]) -> None:
-            self._loaded = encodings
-            self._by_model.clear()
+            def loaded(encodings: dict[str, Any]) -> None:
+                self._loaded = encodings
+                self._by_model.clear()
 
-        def failed(f: Failure) -> None:
-            log.failure("could not load the tokenizers; token counts will be rough estimates", f)
+            def failed(f: Failure) -> None:
+                log.failure("could not load the tokenizers; token counts will be rough estimates", f)
 
-        return d.addCallbacks(loaded, failed)
+            self._loading = d.addCallbacks(loaded, failed)
+        return self._loading
 
     @property
     def ready(self) -> bool:
@@ -99,6 +111,7 @@ class Encodings:
         except KeyError:
             pass
         if not self._loaded:
+            self.load()
             return None
         enc = self._loaded.get(encoding_name_for(model))
         if len(self._by_model) < 10_000:
@@ -132,7 +145,7 @@ class GreyFoxService(MultiService):
             ttl=settings.cache_ttl,
             max_bytes=int(settings.cache_max_mb * 1024 * 1024),
         )
-        self.encodings = Encodings()
+        self.encodings = Encodings(reactor, os.path.join(os.path.dirname(os.path.abspath(settings.db)), "tiktoken"))
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
         self.http = UpstreamClient(reactor, settings.connect_timeout)
         self.prices = PriceTable.shipped(settings.prices)
@@ -183,9 +196,8 @@ class GreyFoxService(MultiService):
         if warning:
             log.warn("{warning}", warning=warning)
         super().startService()
-        if self.load_tokenizers:
-            cache_dir = os.path.join(os.path.dirname(os.path.abspath(s.db)), "tiktoken")
-            self.encodings.load(self.reactor, cache_dir)
+        if self.load_tokenizers and (s.daily_tokens or s.user_tpm or s.daily_budget_usd):
+            self.encodings.load()  # admission estimates need them from the first request
 
     @property
     def port(self) -> Any:

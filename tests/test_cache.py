@@ -98,10 +98,12 @@ class FakeDB:
 
     def run(self, fn: Any, *args: Any) -> Deferred[Any]:
         name = fn.__name__
-        if name == "_store_txn":
-            e, data = args
-            self.bodies[(e.key, e.scope)] = data
-            return succeed(len(data))
+        if name == "_store_many_txn":
+            sizes = []
+            for e, data in args[0]:
+                self.bodies[(e.key, e.scope)] = data
+                sizes.append(len(data))
+            return succeed(sizes)
         if name == "_delete_txn":
             for k in args[0]:
                 self.bodies.pop(k, None)
@@ -115,6 +117,7 @@ def test_ttl_expires_entries():
     clock = Clock()
     cache = Cache(FakeDB().run, clock, ttl=60)
     cache.store(entry("a" * 64, created=0), b"{}")
+    clock.advance(0)
     assert cache.lookup("a" * 64, [SHARED]) is not None
     clock.advance(61)
     assert cache.lookup("a" * 64, [SHARED]) is None and len(cache) == 0
@@ -125,11 +128,12 @@ def test_size_cap_evicts_least_recently_used():
     cache = Cache(db.run, clock, max_bytes=250)
     for name in "abc":
         cache.store(entry(name * 64), b"x" * 100)
-        clock.advance(1)
+        clock.advance(1)  # each store is written at the end of its reactor turn
     # a and b are stored, c pushed a out... unless a was used: use b, then store d
     assert cache.lookup("a" * 64, [SHARED]) is None
     Deferred.fromCoroutine(cache.body(cache.lookup("b" * 64, [SHARED])))
     cache.store(entry("d" * 64), b"x" * 100)
+    clock.advance(0)
     assert cache.lookup("b" * 64, [SHARED]) is not None
     assert cache.lookup("c" * 64, [SHARED]) is None
     assert cache.bytes <= 250 and ("c" * 64, SHARED) not in db.bodies

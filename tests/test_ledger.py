@@ -91,7 +91,7 @@ async def test_stream_without_include_usage_still_records_exact_usage(start_prox
 @pytest_twisted.ensureDeferred
 async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy, http):
     proxy = await start_proxy()
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage", stream=True))
     [row] = await rows(http, proxy)
     enc = proxy.service.encodings.for_model("no-usage")
@@ -103,7 +103,7 @@ async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy,
 @pytest_twisted.ensureDeferred
 async def test_client_abort_records_the_tokens_seen_so_far(start_proxy, http):
     proxy = await start_proxy()
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     port = proxy.service.port.getHost().port
     client = RawClient(raw_post(port, dict(CHAT, stream=True)))
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)

@@ -153,7 +153,7 @@ async def spend_until_refused(http: Any, proxy: Any, user: str, limit: int = 50)
 @pytest_twisted.ensureDeferred
 async def test_user_spends_until_refused_and_the_sdk_does_not_retry(start_proxy, http):
     proxy = await start_proxy(GREYFOX_DAILY_TOKENS=str(3 * 28))
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     codes = await spend_until_refused(http, proxy, "alice")
     assert codes[-1] == 429 and codes.count(200) >= 2
     seen = len(proxy.upstream.received)
@@ -187,7 +187,7 @@ async def test_fifty_concurrent_requests_cannot_overshoot(start_proxy, http):
     per_request = 28  # the reservation of chat(i): about 8 prompt + 20 max_tokens
     limit = 5 * per_request + 10
     proxy = await start_proxy(GREYFOX_DAILY_TOKENS=str(limit))
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     proxy.upstream.delay = 0.2
     calls = [Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", chat(i), {"x-app-user-id": "ci"}))
              for i in range(50)]
@@ -203,7 +203,7 @@ async def test_fifty_concurrent_requests_cannot_overshoot(start_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_global_budget_refuses_every_user_once_spent(start_proxy, http):
     proxy = await start_proxy(GREYFOX_DAILY_BUDGET_USD="0.00002")
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(1), {"x-app-user-id": "alice"})
     assert response.code == 200
     for user in ("alice", "bob"):
@@ -221,7 +221,7 @@ async def test_global_budget_refuses_every_user_once_spent(start_proxy, http):
 @pytest_twisted.ensureDeferred
 async def test_reservation_is_released_when_the_upstream_fails_or_the_client_leaves(start_proxy, http):
     proxy = await start_proxy(GREYFOX_DAILY_TOKENS="1000")
-    await eventually(lambda: proxy.service.encodings.ready)
+    await proxy.service.encodings.load()
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(1, model="fail-500"), {"x-app-user-id": "u"})
     assert response.code == 500
     port = proxy.service.port.getHost().port

@@ -40,8 +40,19 @@ def test_usage_only_detection_without_a_meter():
     assert not is_usage_only(Event(b": ping\n\n"))
 
 
-def test_meter_counts_text_of_every_api_shape():
+def test_lazy_meter_parses_only_what_can_carry_usage_and_catches_up_later():
     meter = StreamMeter(IncrementalCounter(None))
+    events = [chunk({"choices": [{"delta": {"content": "aaaa"}}], "usage": None}),
+              chunk({"choices": [{"delta": {"content": "bbbb"}}], "usage": None})]
+    for e in events:
+        assert not meter.on_event(e)
+    assert meter.counter.total == 0 and meter.usage is None  # nothing parsed yet
+    meter.catch_up(e.raw for e in events)
+    assert meter.counter.total == 2
+
+
+def test_meter_counts_text_of_every_api_shape():
+    meter = StreamMeter(IncrementalCounter(None), eager=True)
     meter.on_event(chunk({"choices": [{"delta": {"content": "aaaa", "tool_calls": [{"function": {"arguments": "bbbb"}}]}}]}))
     meter.on_event(chunk({"choices": [{"text": "cccc"}]}))
     meter.on_event(chunk({"type": "response.output_text.delta", "delta": "dddd"}))

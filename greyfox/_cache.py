@@ -181,6 +181,9 @@ class Cache:
     :param max_bytes: cap on the stored (compressed) size.
     """
 
+    #: Stores wait this long for companions: one transaction for all of them.
+    WRITE_DELAY = 0.1
+
     def __init__(
         self,
         run: Callable[..., Deferred[Any]],
@@ -237,8 +240,8 @@ class Cache:
 
     def store(self, entry: CacheEntry, data: bytes) -> Deferred[Any]:
         """Store a complete answer.  It is served from memory at once; the
-        write is batched with the others of this reactor turn (one
-        transaction), and the returned Deferred fires when it is written (a
+        write is batched with the others of the next :attr:`WRITE_DELAY`
+        seconds (one transaction), and the returned Deferred fires when it is written (a
         failed write is logged and the entry dropped)."""
         if len(data) > MAX_ENTRY_BYTES:
             return succeed(None)
@@ -250,7 +253,7 @@ class Cache:
         d: Deferred[Any] = Deferred()
         self._writes.append((entry, data, d))
         if self._write_call is None:
-            self._write_call = self._clock.callLater(0, self._write_batch)
+            self._write_call = self._clock.callLater(self.WRITE_DELAY, self._write_batch)
         return d
 
     def _write_batch(self) -> None:

@@ -117,8 +117,7 @@ class Flight:
         self._forwarding = None
         self.response = response
         content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
-        enc = proxy.encoding_for(leader.model or "")
-        self._counter = IncrementalCounter(enc)
+        self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
         if content_type.startswith(b"text/event-stream"):
             self._meter = StreamMeter(self._counter, expect_usage=_asked_for_usage(leader))
             keep = MAX_STREAM_KEEP

@@ -249,6 +249,10 @@ class Ledger:
 
     MAX_BATCH = 500
     RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 5.0)
+    #: How long a row may wait for companions: each batch is one thread hop
+    #: and one commit, so a short wait saves most of them at low load.  It is
+    #: also what a hard kill can lose.
+    FLUSH_DELAY = 0.1
 
     def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0) -> None:
         self._run = run
@@ -290,7 +294,7 @@ class Ledger:
         self._recorded += 1
         for listener in self.listeners:
             listener(row)
-        self._schedule(0)
+        self._schedule(self.FLUSH_DELAY)
 
     def flush(self) -> Deferred[None]:
         """Fires once every row recorded so far is committed."""
@@ -298,6 +302,8 @@ class Ledger:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append((self._recorded, d))
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.reset(0)
         self._schedule(0)
         return d
 

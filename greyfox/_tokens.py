@@ -87,23 +87,33 @@ class IncrementalCounter:
     :func:`rough_count` of the whole text.
     """
 
-    __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all")
+    __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all", "_resolve")
 
     #: A single pre-tokenizer piece longer than this (a run of one character,
     #: base64...) is counted as it stands, so a pathological stream costs
     #: linear, not quadratic, time.  Real text never comes near it.
     MAX_PENDING = 1 << 16
 
-    def __init__(self, enc: Any | None) -> None:
-        self._enc = enc
-        self._pat = regex.compile(enc._pat_str) if enc is not None else None
+    def __init__(self, enc: Any | None, resolve: Any = None) -> None:
+        """``resolve``: a callable giving the encoding, called at the first
+        text (so a response whose usage the upstream reports never loads one)."""
+        self._resolve = resolve
+        self._set(enc)
         self._pending = ""
         self._counted = 0
         self._all = 0  # characters seen, for the rough fallback
 
+    def _set(self, enc: Any | None) -> None:
+        self._enc = enc
+        self._pat = regex.compile(enc._pat_str) if enc is not None else None
+
     def feed(self, text: str) -> None:
         if not text:
             return
+        if self._resolve is not None:
+            resolve, self._resolve = self._resolve, None
+            if self._enc is None and not self._all:
+                self._set(resolve())
         self._all += len(text)
         if self._enc is None:
             return

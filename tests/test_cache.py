@@ -117,7 +117,7 @@ def test_ttl_expires_entries():
     clock = Clock()
     cache = Cache(FakeDB().run, clock, ttl=60)
     cache.store(entry("a" * 64, created=0), b"{}")
-    clock.advance(0)
+    clock.advance(0.1)
     assert cache.lookup("a" * 64, [SHARED]) is not None
     clock.advance(61)
     assert cache.lookup("a" * 64, [SHARED]) is None and len(cache) == 0
@@ -128,12 +128,12 @@ def test_size_cap_evicts_least_recently_used():
     cache = Cache(db.run, clock, max_bytes=250)
     for name in "abc":
         cache.store(entry(name * 64), b"x" * 100)
-        clock.advance(1)  # each store is written at the end of its reactor turn
+        clock.advance(1)  # each store is written after Cache.WRITE_DELAY
     # a and b are stored, c pushed a out... unless a was used: use b, then store d
     assert cache.lookup("a" * 64, [SHARED]) is None
     Deferred.fromCoroutine(cache.body(cache.lookup("b" * 64, [SHARED])))
     cache.store(entry("d" * 64), b"x" * 100)
-    clock.advance(0)
+    clock.advance(0.1)
     assert cache.lookup("b" * 64, [SHARED]) is not None
     assert cache.lookup("c" * 64, [SHARED]) is None
     assert cache.bytes <= 250 and ("c" * 64, SHARED) not in db.bodies

@@ -36,7 +36,7 @@ def test_rows_arriving_during_a_write_form_the_next_batch():
     first = row(ledger)
     assert first.id == 42
     ledger.record(first)
-    clock.advance(0)
+    clock.advance(Ledger.FLUSH_DELAY)
     for _ in range(3):
         ledger.record(row(ledger))
     flushed = ledger.flush()
@@ -54,7 +54,7 @@ def test_a_failing_database_keeps_rows_and_retries():
     db.broken = True
     ledger.record(row(ledger))
     ledger.record(row(ledger))
-    clock.advance(0)
+    clock.advance(Ledger.FLUSH_DELAY)
     assert ledger.degraded and ledger.pending == 2
     clock.advance(10)
     assert ledger.pending == 2

@@ -1,0 +1,19 @@
+"""The benchmark still runs (smoke mode: seconds).  No timing is asserted here."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run.py")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"), reason="needs wrk (apt-get install wrk)")
+def test_benchmark_smoke_run_prints_its_table():
+    result = subprocess.run([sys.executable, BENCH, "--smoke"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for scenario in ("relay, cache miss, c=16", "cache hits, c=64", "stream (40 chunks), c=1", "ledger off vs on"):
+        assert scenario in result.stdout
+    assert "idle RSS" in result.stdout

@@ -144,8 +144,6 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("default_max_tokens", "GREYFOX_DEFAULT_MAX_TOKENS", _int, 4096, "completion tokens assumed when a request sets no max_tokens"),
 )
 
-SPEC_BY_NAME = {s.name: s for s in SPECS}
-
 # Built-in upstreams: name -> (key env, base URL env, default base URL).
 BUILTIN_UPSTREAMS: tuple[tuple[str, str, str, str], ...] = (
     ("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),

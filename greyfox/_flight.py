@@ -190,7 +190,7 @@ class Flight:
     def _store(self, content_type: str) -> None:
         assert self.fanout is not None and self.entry_id is not None
         body = self.fanout.body()
-        if body is None or self.usage is None and self._meter is None and not _is_json(body):
+        if body is None or self.usage is None and self._meter is None and not _parses_as_json(body):
             return
         leader = self.leader
         scope, _, key = self.entry_id.partition(":")
@@ -262,7 +262,7 @@ def _asked_for_usage(call: "Call") -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def _is_json(body: bytes) -> bool:
+def _parses_as_json(body: bytes) -> bool:
     import json
 
     try:

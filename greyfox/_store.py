@@ -269,7 +269,6 @@ class Ledger:
         self._failures = 0
         self.degraded: str | None = None
         self.written = 0
-        self.listeners: list[Callable[[LedgerRow], None]] = []
 
     def next_id(self) -> int:
         self._last_id += 1
@@ -292,8 +291,6 @@ class Ledger:
         """Queue a row for the next batch.  Never blocks, never raises."""
         self._queue.append(row)
         self._recorded += 1
-        for listener in self.listeners:
-            listener(row)
         self._schedule(self.FLUSH_DELAY)
 
     def flush(self) -> Deferred[None]:
@@ -435,12 +432,6 @@ def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, An
     args.append(limit)
     txn.execute(sql, args)
     return [dict(zip(LEDGER_COLUMNS, row)) for row in txn.fetchall()]
-
-
-def totals_txn(txn: Any) -> tuple[int, float]:
-    txn.execute("SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM ledger")
-    n, cost = txn.fetchone()
-    return n, cost
 
 
 def day_totals(path: str, day: str) -> list[tuple[str, int, float]]:

@@ -9,9 +9,7 @@ import openai
 import pytest
 import pytest_twisted
 from hypothesis import given, strategies as st
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 
 from greyfox._cache import Cache, CacheEntry
@@ -21,7 +19,7 @@ from greyfox._cli import main as cli
 from . import fakeupstream
 from .conftest import PROXY_KEY, eventually, in_thread, post_json
 from .test_ledger import get_json, rows
-from .test_proxy import RawClient, _wait, raw_post
+from .test_proxy import _wait, hang_up_after
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
@@ -215,11 +213,7 @@ async def test_truncated_streams_and_errors_are_not_stored(start_proxy, http, mo
 @pytest_twisted.ensureDeferred
 async def test_aborted_stream_is_not_stored(start_proxy, http):
     proxy = await start_proxy()
-    port = proxy.service.port.getHost().port
-    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    await eventually(lambda: client.received.count(b"data: ") >= 2)
-    client.transport.abortConnection()
+    await hang_up_after(proxy, dict(CHAT, stream=True), 2)
     assert await _wait(proxy.upstream.lost[0], 2) is True
     await eventually(lambda: proxy.service.ledger.written >= 1)
     assert len(proxy.service.cache) == 0

@@ -7,13 +7,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from . import fakeupstream
 from .conftest import eventually, post_json
-from .test_proxy import CHAT, RawClient, raw_post
+from .test_proxy import CHAT, hang_up_after
 
 P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
 
@@ -104,11 +102,7 @@ async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy,
 async def test_client_abort_records_the_tokens_seen_so_far(start_proxy, http):
     proxy = await start_proxy()
     await proxy.service.encodings.load()
-    port = proxy.service.port.getHost().port
-    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    await eventually(lambda: client.received.count(b"data: ") >= 3)
-    client.transport.abortConnection()
+    await hang_up_after(proxy, dict(CHAT, stream=True), 3)
     assert await proxy.upstream.lost[0] is True
     await eventually(lambda: proxy.service.ledger.written >= 1)
     [row] = await rows(http, proxy)

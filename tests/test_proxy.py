@@ -253,12 +253,22 @@ class RawClient(Protocol):
         self.closed.callback(None)
 
 
-def raw_post(port: int, doc: Any) -> bytes:
+def raw_post(port: int, doc: Any, headers: bytes = b"") -> bytes:
     body = json.dumps(doc).encode()
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + headers +
         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
+
+
+async def hang_up_after(proxy: Any, doc: Any, events: int, headers: bytes = b"") -> RawClient:
+    """Stream ``doc`` through the proxy and drop the connection after ``events`` SSE events."""
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, doc, headers))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: client.received.count(b"data: ") >= events)
+    client.transport.abortConnection()
+    return client
 
 
 @pytest_twisted.ensureDeferred
@@ -295,11 +305,7 @@ async def _wait(d: Deferred[Any], timeout: float) -> Any:
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_cancels_the_upstream_at_once(start_proxy):
     proxy = await start_proxy()
-    port = proxy.service.port.getHost().port
-    client = RawClient(raw_post(port, dict(CHAT, stream=True)))
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    await eventually(lambda: client.received.count(b"data: ") >= 2)
-    client.transport.abortConnection()
+    await hang_up_after(proxy, dict(CHAT, stream=True), 2)
     assert await _wait(proxy.upstream.lost[0], 1.0) is True
 
 

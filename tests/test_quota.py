@@ -10,9 +10,7 @@ from zoneinfo import ZoneInfo
 import openai
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 
 from greyfox._quota import Limits, Overrides, Quotas, Refused, conversation_fingerprint, duration
@@ -20,7 +18,7 @@ from greyfox._quota import Limits, Overrides, Quotas, Refused, conversation_fing
 from . import fakeupstream
 from .conftest import eventually, in_thread, post_json
 from .test_ledger import get_json, rows
-from .test_proxy import RawClient, _wait, raw_post
+from .test_proxy import _wait, hang_up_after
 
 P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
 NY = ZoneInfo("America/New_York")
@@ -224,11 +222,7 @@ async def test_reservation_is_released_when_the_upstream_fails_or_the_client_lea
     await proxy.service.encodings.load()
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(1, model="fail-500"), {"x-app-user-id": "u"})
     assert response.code == 500
-    port = proxy.service.port.getHost().port
-    client = RawClient(raw_post(port, dict(chat(2), stream=True)).replace(b"Host:", b"X-App-User-Id: u\r\nHost:"))
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    await eventually(lambda: client.received.count(b"data: ") >= 3)
-    client.transport.abortConnection()
+    await hang_up_after(proxy, dict(chat(2), stream=True), 3, b"X-App-User-Id: u\r\n")
     await _wait(proxy.upstream.lost[1], 2)
     await eventually(lambda: proxy.service.ledger.written >= 2)
     code, view = await get_json(http, proxy.url + "/api/quotas")

@@ -73,28 +73,33 @@ class CacheEntry:
         return tuple(getattr(self, c) for c in _COLUMNS)
 
 
-@attr.s(auto_attribs=True, frozen=True, slots=True)
 class Body:
-    """A decompressed body; for streams also the variant without the usage-only chunk."""
+    """A decompressed body.  For a stream, the variant without the usage-only
+    chunk is made the first time a client that did not ask for usage needs it
+    (storing an answer should not pay for a replay that may never come)."""
 
-    full: bytes
-    without_usage: bytes | None = None
+    __slots__ = ("full", "stream", "_without_usage")
+
+    def __init__(self, full: bytes, stream: bool = False) -> None:
+        self.full = full
+        self.stream = stream
+        self._without_usage: bytes | None = None
 
     def for_client(self, wants_usage_chunk: bool) -> bytes:
-        if wants_usage_chunk or self.without_usage is None:
+        if wants_usage_chunk or not self.stream:
             return self.full
-        return self.without_usage
+        if self._without_usage is None:
+            parser = SSEParser(max_event_bytes=len(self.full) + 1)
+            events = parser.feed(self.full)
+            tail = parser.flush()
+            if tail is not None:
+                events.append(tail)
+            self._without_usage = b"".join(e.raw for e in events if not is_usage_only(e))
+        return self._without_usage
 
     @classmethod
     def of(cls, data: bytes, stream: bool) -> "Body":
-        if not stream:
-            return cls(data)
-        parser = SSEParser(max_event_bytes=len(data) + 1)
-        events = parser.feed(data)
-        tail = parser.flush()
-        if tail is not None:
-            events.append(tail)
-        return cls(data, b"".join(e.raw for e in events if not is_usage_only(e)))
+        return cls(data, stream)
 
 
 # -- SQL, run in the pool's thread --
@@ -344,7 +349,8 @@ class Cache:
 
 
 def _hot_size(body: Body) -> int:
-    return len(body.full) + len(body.without_usage or b"")
+    """Memory a hot body may hold: a stream counts its variant, made or not yet."""
+    return len(body.full) * (2 if body.stream else 1)
 
 
 # -- cassettes: JSON Lines, no credentials; used by the command line, synchronously --

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
+from werkzeug.exceptions import MethodNotAllowed
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -163,6 +164,13 @@ class GreyFoxApp:
         except ApiError as e:
             return _error(request, e)
         return _error(request, errors.not_found(f"No API endpoint {request.method.decode()} {request.path.decode('latin-1')}."))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        request.setHeader(b"allow", ", ".join(failure.value.valid_methods or ()).encode())
+        return _error(request, ApiError(
+            405, f"{request.method.decode()} is not allowed on {request.path.decode('latin-1')}.",
+            "invalid_request_error", "method_not_allowed"))
 
     # -- the console --
 

@@ -245,3 +245,15 @@ async def test_usage_per_hour_and_split_by_model(start_proxy, http):
     assert {r["key"] for r in doc["rows"]} == {doc["from"]}
     code, doc = await get_json(http, proxy.url + "/api/usage?group=model&split=model")
     assert code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_methods_get_openai_shaped_errors(start_proxy, http):
+    proxy = await start_proxy()
+    response = await http.post(proxy.url + "/api/usage", data=b"{}")
+    doc = json.loads(await response.content())
+    assert response.code == 404 and "POST /api/usage" in doc["error"]["message"]
+    response = await http.post(proxy.url + "/healthz", data=b"{}")
+    doc = json.loads(await response.content())
+    assert response.code == 405 and doc["error"]["code"] == "method_not_allowed"
+    assert b"GET" in response.headers.getRawHeaders(b"allow")[0]

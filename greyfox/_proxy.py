@@ -193,7 +193,9 @@ class Proxy:
 
         limit = self.settings.max_body_bytes
         declared = headers.getRawHeaders(b"content-length", [None])[0]
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if (declared is not None and declared.isdigit() and int(declared) > limit) or getattr(
+            request, "body_too_large", False
+        ):
             raise errors.too_large(limit)
         content = request.content
         if content is not None:

@@ -365,3 +365,20 @@ async def test_gzip_from_the_upstream_is_decoded_and_host_is_the_upstreams(start
     [seen] = proxy.upstream.received
     assert seen.header("host") == f"127.0.0.1:{proxy.upstream.port.getHost().port}"
     assert "gzip" in seen.header("accept-encoding")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_upload_over_the_limit_is_refused_with_413(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_MAX_BODY_MB="0.01")
+    port = proxy.service.port.getHost().port
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10)) + b"0\r\n\r\n"
+    client = RawClient(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await _wait(client.closed, 5)
+    assert b" 413 " in client.received.split(b"\r\n", 1)[0]
+    assert b"request_too_large" in client.received
+    assert proxy.upstream.received == []
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.code == 200

@@ -97,6 +97,9 @@ def test_one_slow_client_pauses_the_upstream_until_every_client_resumes():
 def test_upstream_is_aborted_only_when_the_last_client_leaves():
     clock, pump, fanout, subs, transport = pipeline(2)
     (a, ra), (b, rb) = subs
+    gone: list[Failure] = []
+    a.done.addErrback(gone.append)
+    b.done.addErrback(gone.append)
     ra.producer.stopProducing()
     ra.producer.stopProducing()  # twisted.web and Klein both tell us: idempotent
     assert transport.stopped == 0
@@ -109,6 +112,7 @@ def test_upstream_is_aborted_only_when_the_last_client_leaves():
     failures: list[Failure] = []
     pump.done.addErrback(failures.append)
     assert failures[0].check(ClientGone)
+    assert len(gone) == 2  # each client's call ended too
 
 
 def test_a_silent_upstream_is_ended_by_the_watchdog():

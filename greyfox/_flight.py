@@ -55,6 +55,7 @@ class Flight:
         self.response: Any = None
         self.ended = False
         self.answered = False  # every client has its complete response
+        self._failure: Failure | None = None
         self.usage: Usage | None = None
         self.usage_source = "none"
         self._forwarding: Deferred[Any] | None = None
@@ -78,7 +79,10 @@ class Flight:
         sub.on_leave = self._leave
         call.flight = self
         self.subscribers.append((sub, call))
-        if self.fanout is not None:
+        if self.ended:
+            call.usage, call.usage_source = self.usage, self.usage_source
+            sub.end(self._failure)
+        elif self.fanout is not None:
             self._begin(sub, call)
             self.fanout.add(sub)
             if self.answered:
@@ -232,6 +236,7 @@ class Flight:
     def _finish(self, failure: Failure | None, error: str | None = None) -> None:
         """End every subscriber, then settle every waiting ledger row."""
         self.ended = True
+        self._failure = failure
         self.proxy.flight_ended(self)
         for sub, call in self.subscribers:
             call.usage, call.usage_source = self.usage, self.usage_source

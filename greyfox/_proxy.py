@@ -153,14 +153,18 @@ class Proxy:
             if call.replay:
                 raise errors.cache_miss(call.key)
             flight = self.joinable_flight(call)
+            leader = flight is None
             if flight is None:
                 self.admit(call)
-                flight = self.start_flight(call)
+                flight = self.new_flight(call)
             else:
                 call.cache = "HIT"
             request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
             self.remaining_header(call, request)
-            await flight.subscribe(request, call).done
+            subscriber = flight.subscribe(request, call)
+            if leader:
+                flight.start()  # after subscribing: even an instant failure reaches this client
+            await subscriber.done
             return b""
         except ApiError as e:
             return self.refuse(call, request, e)
@@ -324,12 +328,12 @@ class Proxy:
                 return flight
         return None
 
-    def start_flight(self, call: Call) -> Flight:
+    def new_flight(self, call: Call) -> Flight:
+        """The upstream call of ``call``, joinable by identical requests until it ends."""
         entry_id = f"{call.write_scope}:{call.key}" if call.key is not None else None
         flight = Flight(self, call, entry_id, store=call.store)
         if entry_id is not None and call.lookup:
             self.flights[entry_id] = flight
-        flight.start()
         return flight
 
     def flight_ended(self, flight: Flight) -> None:

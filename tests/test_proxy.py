@@ -382,3 +382,17 @@ async def test_a_chunked_upload_over_the_limit_is_refused_with_413(start_proxy, 
     assert proxy.upstream.received == []
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instant_upstream_failure_is_a_502_not_a_hang(start_proxy, http, observe_errors):
+    from twisted.internet.defer import fail
+    from twisted.web.error import SchemeNotSupported
+
+    proxy = await start_proxy()
+    proxy.service.proxy.http.request = lambda *args: fail(SchemeNotSupported("gopher"))
+    d = Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", CHAT))
+    response, body = await _wait(d, 5)
+    assert response.code == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"
+    assert len(observe_errors) == 1  # an unexpected error is logged with its traceback
+    observe_errors.clear()

@@ -131,7 +131,8 @@ class QuietSite(Site):
     (twisted.web parses the Content-Type of every POST through the email
     package for it: about 0.3 ms a request)."""
 
-    def __init__(self, resource: Any, max_body: int = LimitedRequest.max_body) -> None:
+    def __init__(self, resource: Any, max_body: int = LimitedRequest.max_body, v1: Any = None) -> None:
+        self.v1 = v1
         factory = type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
         try:
             super().__init__(resource, requestFactory=factory, parsePOSTFormSubmission=False)
@@ -140,6 +141,15 @@ class QuietSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def getResourceFor(self, request: Any) -> Any:
+        """``/v1`` goes straight to the proxy's resource, everything else through the tree."""
+        path = request.path
+        if self.v1 is not None and (path == b"/v1" or path.startswith(b"/v1/")):
+            request.site = self
+            request.sitepath = list(request.prepath)
+            return self.v1
+        return super().getResourceFor(request)
 
 
 def no_delay_listening(port: Any) -> None:

@@ -176,7 +176,7 @@ class GreyFoxService(MultiService):
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
                        self.cache, self.cache_stats, self.quotas)
         self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
-        self.site = QuietSite(self.web.resource(), max_body=settings.max_body_bytes)
+        self.site = QuietSite(self.web.resource(), max_body=settings.max_body_bytes, v1=self.web.proxy_resource())
         self.site.displayTracebacks = False
         self.listener = _Listener(reactor, settings.listen, self.site)
         self.listener.setServiceParent(self)

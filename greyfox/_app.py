@@ -92,13 +92,17 @@ class ProxyResource(Resource):
 
         def failed(failure: Any) -> None:
             proxy.in_flight.discard(d)
-            if over or failure.check(CancelledError):
-                return
-            log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(ApiError(500, "GreyFox failed on this request; see its log.", "server_error",
-                                   "internal_error").to_bytes())
+            if over:
+                return  # the client left; nothing to answer
+            if failure.check(CancelledError):  # cancelled by a shutdown that ran out of grace
+                error = ApiError(503, "GreyFox is shutting down; retry.", "server_error", "shutting_down")
+            else:
+                log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
+                error = ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
+            if not request.startedWriting:
+                request.setResponseCode(error.status)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(error.to_bytes())
             request.finish()
 
         d.addCallbacks(respond, failed)

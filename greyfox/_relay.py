@@ -203,9 +203,15 @@ class Subscriber:
                     pass
 
     def end(self, failure: Failure | None = None) -> None:
-        """The call is over for this client."""
+        """The call is over for this client.
+
+        A client that already left keeps the ending it left with (its
+        cancellation), not the upstream call's outcome.
+        """
         self.unregister()
         self.ended = True
+        if self.gone:
+            return
         if not self.done.called:
             if failure is None:
                 self.done.callback(None)

@@ -396,3 +396,21 @@ async def test_an_instant_upstream_failure_is_a_502_not_a_hang(start_proxy, http
     assert response.code == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"
     assert len(observe_errors) == 1  # an unexpected error is logged with its traceback
     observe_errors.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_answers_requests_still_waiting_after_the_grace(start_proxy, http, monkeypatch, tmp_path):
+    import sqlite3
+
+    import greyfox.service as service_module
+
+    monkeypatch.setattr(service_module, "SHUTDOWN_GRACE", 0.2)
+    proxy = await start_proxy()
+    d = Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="hang")))
+    await eventually(lambda: len(proxy.upstream.received) == 1)
+    await proxy.stop()
+    response, body = await _wait(d, 5)
+    assert response.code == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+    assert await _wait(proxy.upstream.lost[0], 2) is True  # the upstream call was cancelled
+    rows = sqlite3.connect(str(tmp_path / "greyfox.db")).execute("SELECT model FROM ledger").fetchall()
+    assert rows == [("hang",)]  # and its row was written before the database closed

@@ -169,7 +169,10 @@ class Proxy:
         except ApiError as e:
             return self.refuse(call, request, e)
         except CancelledError:
-            call.status, call.error = 499, "client disconnected"
+            if getattr(request, "channel", None) is None:
+                call.status, call.error = 499, "client disconnected"
+            else:  # cancelled by a shutdown that ran out of grace; ProxyResource answers 503
+                call.status, call.error = 503, "GreyFox shut down before the answer was complete"
             raise
         finally:
             if call.flight is not None:

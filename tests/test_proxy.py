@@ -412,5 +412,5 @@ async def test_shutdown_answers_requests_still_waiting_after_the_grace(start_pro
     response, body = await _wait(d, 5)
     assert response.code == 503 and json.loads(body)["error"]["code"] == "shutting_down"
     assert await _wait(proxy.upstream.lost[0], 2) is True  # the upstream call was cancelled
-    rows = sqlite3.connect(str(tmp_path / "greyfox.db")).execute("SELECT model FROM ledger").fetchall()
-    assert rows == [("hang",)]  # and its row was written before the database closed
+    rows = sqlite3.connect(str(tmp_path / "greyfox.db")).execute("SELECT model, status FROM ledger").fetchall()
+    assert rows == [("hang", 503)]  # and its row was written before the database closed

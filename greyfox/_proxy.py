@@ -100,8 +100,8 @@ def valid_user(value: str) -> bool:
 class Proxy:
     """Relays ``/v1/*`` to the routed upstream and meters what passes.
 
-    :param http: a treq ``HTTPClient`` over the service's own pool.
-    :param encodings: ``model -> tiktoken Encoding | None``; ``None`` (not loaded
+    :param http: the service's :class:`~greyfox._http.UpstreamClient`.
+    :param encoding_for: ``model -> tiktoken Encoding | None``; ``None`` (not loaded
         yet) falls back to a rough count.
     """
 

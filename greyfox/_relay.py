@@ -111,7 +111,7 @@ class BodyPump(Protocol):
         """Every client went away: abort the upstream at once.
 
         ``done`` fails a tick later: twisted.web stops the producer before it
-        tells the request, and Klein must learn the request is gone first or
+        tells the request, and the route must learn the request is gone first or
         it reports the cancellation as an error.
         """
         self.abort(ClientGone(), fire=False)
@@ -158,7 +158,7 @@ class Subscriber:
 
     ``done`` fires when its response is complete, errbacks with the error the
     call ended in (an ``ApiError`` before any response), and can be cancelled
-    when its client leaves (Klein does it).
+    when its client leaves (the /v1 resource does it).
     """
 
     def __init__(self, request: Any, strip_usage_chunk: bool, clock: IReactorTime, on_first_byte: Callable[[], None]) -> None:
@@ -229,7 +229,7 @@ class Subscriber:
             self.fanout.resume(self)
 
     def stopProducing(self) -> None:
-        """The client hung up (twisted.web tells us before Klein cancels ``done``)."""
+        """The client hung up (twisted.web tells us before the route cancels ``done``)."""
         self._leave()
         self.clock.callLater(0, lambda: self.done.called or self.done.errback(Failure(ClientGone())))
 

@@ -97,10 +97,6 @@ class Body:
             self._without_usage = b"".join(e.raw for e in events if not is_usage_only(e))
         return self._without_usage
 
-    @classmethod
-    def of(cls, data: bytes, stream: bool) -> "Body":
-        return cls(data, stream)
-
 
 # -- SQL, run in the pool's thread --
 
@@ -239,7 +235,7 @@ class Cache:
         if data is None:
             self._forget([entry])
             return None
-        body = Body.of(data, entry.stream)
+        body = Body(data, entry.stream)
         self._keep_hot(entry.id, body)
         return body
 
@@ -254,7 +250,7 @@ class Cache:
         if old is not None:
             self.bytes -= old.size
         self._index[entry.id] = entry
-        self._keep_hot(entry.id, Body.of(data, entry.stream))
+        self._keep_hot(entry.id, Body(data, entry.stream))
         d: Deferred[Any] = Deferred()
         self._writes.append((entry, data, d))
         if self._write_call is None:

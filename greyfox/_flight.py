@@ -123,7 +123,7 @@ class Flight:
         content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
         self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
         if content_type.startswith(b"text/event-stream"):
-            self._meter = StreamMeter(self._counter, expect_usage=_asked_for_usage(leader))
+            self._meter = StreamMeter(self._counter, expect_usage=leader.asks_for_usage)
             keep = MAX_STREAM_KEEP
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0
@@ -150,7 +150,8 @@ class Flight:
         except ResponseFailed as e:
             error = "upstream dropped the response: " + _describe(e)
             log.info("request {id}: {error}", id=leader.id, error=error)
-        self._take_usage(response.code)
+        if not self.answered:  # _answered() took it when the stream said it was over
+            self._take_usage(response.code)
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and response.code == 200:
             self._store(content_type.decode("latin-1"))
@@ -259,12 +260,6 @@ class _Discard:
 
     def connectionLost(self, reason: Any) -> None:
         pass
-
-
-def _asked_for_usage(call: "Call") -> bool:
-    """Whether this stream's upstream was asked to report usage at its end."""
-    options = call.doc.get("stream_options") if call.doc is not None else None
-    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _parses_as_json(body: bytes) -> bool:

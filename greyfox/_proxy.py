@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
 from typing import Any, Callable
-from zoneinfo import ZoneInfo
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred
@@ -76,13 +74,23 @@ class Call:
     lookup: bool = False
     store: bool = False
     replay: bool = False
-    wants_usage_chunk: bool = False
     flight: Any = None
     reservation: Reservation | None = None
 
     @property
     def endpoint(self) -> str:
         return "/v1" + self.subpath.decode("latin-1")
+
+    @property
+    def asks_for_usage(self) -> bool:
+        """Whether the body sent upstream asks for the usage chunk at a stream's end."""
+        options = self.doc.get("stream_options") if self.doc is not None else None
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    @property
+    def wants_usage_chunk(self) -> bool:
+        """Whether the client itself asked for it (not GreyFox on its behalf)."""
+        return self.asks_for_usage and not self.strip_usage_chunk
 
     @property
     def model(self) -> str | None:
@@ -128,7 +136,6 @@ class Proxy:
         self.quotas = quotas
         self.encoding_for = encoding_for
         self.on_settle = on_settle
-        self.tz = ZoneInfo(settings.tz)
         self.in_flight: set[Deferred[Any]] = set()
         self.flights: dict[str, Flight] = {}
 
@@ -294,10 +301,6 @@ class Proxy:
             call.store = False
         if call.replay:
             call.lookup, call.store = True, False
-        options = call.doc.get("stream_options") if call.doc is not None else None
-        call.wants_usage_chunk = isinstance(options, dict) and bool(options.get("include_usage"))
-        if call.strip_usage_chunk:  # route() asked for it on the client's behalf
-            call.wants_usage_chunk = False
 
     async def serve_hit(self, call: Call, request: IRequest) -> bool:
         """Answer from the cache if there is a valid entry; whether it did."""
@@ -447,7 +450,7 @@ class Proxy:
         row = LedgerRow(
             id=call.id,
             ts=call.started,
-            day=self.day_of(call.started),
+            day=self.quotas.day_of(call.started),
             user=call.user,
             endpoint=call.endpoint,
             upstream=call.route.upstream.name if call.route is not None else None,
@@ -469,9 +472,6 @@ class Proxy:
         )
         self.ledger.record(row)
         self.on_settle(call, row)
-
-    def day_of(self, ts: float) -> str:
-        return datetime.fromtimestamp(ts, self.tz).date().isoformat()
 
 
 def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:

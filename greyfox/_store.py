@@ -283,10 +283,6 @@ class Ledger:
     def writing(self) -> bool:
         return self._writing
 
-    @property
-    def busy(self) -> bool:
-        return self.pending > 0
-
     def record(self, row: LedgerRow) -> None:
         """Queue a row for the next batch.  Never blocks, never raises."""
         self._queue.append(row)

@@ -126,7 +126,7 @@ class GreyFoxService(MultiService):
     path stops the start before anything listens.
     """
 
-    def __init__(self, settings: Settings, reactor: Any = None, load_tokenizers: bool = True) -> None:
+    def __init__(self, settings: Settings, reactor: Any = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -134,7 +134,6 @@ class GreyFoxService(MultiService):
             reactor = global_reactor
         self.settings = settings
         self.reactor = reactor
-        self.load_tokenizers = load_tokenizers
         state = prepare_database(settings.db)
         self.dbpool = make_pool(settings.db, reactor)
         self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id)
@@ -196,7 +195,7 @@ class GreyFoxService(MultiService):
         if warning:
             log.warn("{warning}", warning=warning)
         super().startService()
-        if self.load_tokenizers and (s.daily_tokens or s.user_tpm or s.daily_budget_usd):
+        if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
 
     @property
@@ -217,7 +216,7 @@ class GreyFoxService(MultiService):
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5
-        while self.ledger.busy and (self.ledger.degraded is None or self.reactor.seconds() < deadline):
+        while self.ledger.pending and (self.ledger.degraded is None or self.reactor.seconds() < deadline):
             yield deferLater(self.reactor, 0.02, lambda: None)
         while self.ledger.writing:  # let the last attempt finish, whatever it does
             yield deferLater(self.reactor, 0.02, lambda: None)

@@ -153,6 +153,10 @@ class GreyFoxApp:
         if token is None or not _same(token, self._admin):
             raise errors.unauthorized("This endpoint needs Authorization: Bearer <GREYFOX_ADMIN_TOKEN>.")
 
+    def _admin_api(self, request: IRequest, handler: Callable[[], Awaitable[Result] | Result]) -> Deferred[bytes]:
+        """Run an admin API handler behind the admin token; errors become OpenAI-shaped."""
+        return ensureDeferred(self._admin_call(request, handler))
+
     async def _admin_call(self, request: IRequest, handler: Callable[[], Awaitable[Result] | Result]) -> bytes:
         try:
             self._check_admin(request)
@@ -169,39 +173,39 @@ class GreyFoxApp:
 
     @app.route("/api/usage", methods=["GET"])
     def usage(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.usage(request.args)))
+        return self._admin_api(request, lambda: self.api.usage(request.args))
 
     @app.route("/api/requests", methods=["GET"])
     def requests(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.requests(request.args)))
+        return self._admin_api(request, lambda: self.api.requests(request.args))
 
     @app.route("/api/status", methods=["GET"])
     def status(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, self.api.status))
+        return self._admin_api(request, self.api.status)
 
     @app.route("/api/cache", methods=["GET"])
     def cache_info(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, self.api.cache_info))
+        return self._admin_api(request, self.api.cache_info)
 
     @app.route("/api/cache", methods=["DELETE"])
     def cache_clear(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.cache_clear(request.args)))
+        return self._admin_api(request, lambda: self.api.cache_clear(request.args))
 
     @app.route("/api/quotas", methods=["GET"])
     def quotas(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, self.api.quotas_view))
+        return self._admin_api(request, self.api.quotas_view)
 
     @app.route("/api/quotas", methods=["PUT"])
     def set_budget(self, request: IRequest) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.set_budget(request.content.read())))
+        return self._admin_api(request, lambda: self.api.set_budget(request.content.read()))
 
     @app.route("/api/quotas/<user>", methods=["PUT"])
     def set_user_quota(self, request: IRequest, user: str) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.set_user(user, request.content.read())))
+        return self._admin_api(request, lambda: self.api.set_user(user, request.content.read()))
 
     @app.route("/api/quotas/<user>/breaker", methods=["DELETE"])
     def reset_breaker(self, request: IRequest, user: str) -> Deferred[bytes]:
-        return ensureDeferred(self._admin_call(request, lambda: self.api.reset_breaker(user)))
+        return self._admin_api(request, lambda: self.api.reset_breaker(user))
 
     @app.route("/api", branch=True)
     def api_unknown(self, request: IRequest) -> bytes:

@@ -88,3 +88,12 @@ def cache_miss(key: str | None, why: str = "") -> ApiError:
         "cache_miss",
         extra=(("key", key),),
     )
+
+
+def describe_failure(e: BaseException) -> str:
+    """A short reason, without tracebacks; unwraps twisted.web's failure lists."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(describe_failure(r.value) for r in reasons)
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]

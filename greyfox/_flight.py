@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
-from ._errors import ApiError
+from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from ._routing import response_headers
 from ._tokens import IncrementalCounter, estimate_prompt_tokens
@@ -148,7 +148,7 @@ class Flight:
         except (ClientGone, CancelledError):
             error = "client disconnected"
         except ResponseFailed as e:
-            error = "upstream dropped the response: " + _describe(e)
+            error = "upstream dropped the response: " + describe_failure(e)
             log.info("request {id}: {error}", id=leader.id, error=error)
         if not self.answered:  # _answered() took it when the stream said it was over
             self._take_usage(response.code)
@@ -290,12 +290,3 @@ def _feed_completion_text(counter: IncrementalCounter | None, body: bytes) -> No
             message = choice.get("message")
             if isinstance(message, dict) and isinstance(message.get("content"), str):
                 counter.feed(message["content"])
-
-
-def _describe(e: BaseException) -> str:
-    """A short reason, without tracebacks; unwraps twisted.web's failure lists."""
-    reasons = getattr(e, "reasons", None)
-    if reasons:
-        return "; ".join(_describe(r.value) for r in reasons)
-    text = str(e) or type(e).__name__
-    return text.splitlines()[0][:200]

@@ -28,7 +28,7 @@ from ._errors import ApiError
 from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
-from ._flight import Flight, _describe as describe
+from ._flight import Flight
 from ._routing import Route, bearer, request_headers, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
@@ -416,7 +416,7 @@ class Proxy:
                     f"Upstream {upstream.name!r} sent no response headers within "
                     f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
                 ) from None
-            raise errors.bad_gateway(f"Upstream {upstream.name!r} is unreachable: {describe(e)}") from None
+            raise errors.bad_gateway(f"Upstream {upstream.name!r} is unreachable: {errors.describe_failure(e)}") from None
         finally:
             if timer.active():
                 timer.cancel()

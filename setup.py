@@ -26,6 +26,7 @@ setup(
         "attrs>=23.1",
         "regex>=2023.0",
         "prometheus_client>=0.20",
+        "httptools>=0.6",
     ],
     extras_require={
         "test": [

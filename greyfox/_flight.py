@@ -106,7 +106,7 @@ class Flight:
         proxy = self.proxy
         leader = self.leader
         try:
-            self._forwarding = ensureDeferred(proxy.forward(leader))
+            self._forwarding = proxy.forward(leader)
             response = await self._forwarding
         except ApiError as e:
             self._finish(Failure(e))

@@ -18,8 +18,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
 from . import _errors as errors
@@ -108,7 +108,7 @@ def valid_user(value: str) -> bool:
 class Proxy:
     """Relays ``/v1/*`` to the routed upstream and meters what passes.
 
-    :param http: the service's :class:`~greyfox._http.UpstreamClient`.
+    :param http: the service's :class:`~greyfox._upstream.UpstreamClient`.
     :param encoding_for: ``model -> tiktoken Encoding | None``; ``None`` (not loaded
         yet) falls back to a rough count.
     """
@@ -377,49 +377,59 @@ class Proxy:
         if remaining is not None:
             request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
 
-    async def forward(self, call: Call) -> Any:
-        """Send the request upstream; the response once its headers arrive."""
+    def forward(self, call: Call) -> Deferred[Any]:
+        """Send the request upstream.
+
+        Fires with the response once its headers arrive, or fails with the
+        :class:`ApiError` the client will see (``CancelledError`` when the
+        call was cancelled).  A plain Deferred, not a coroutine: this runs for
+        every relayed request.
+        """
         assert call.route is not None
         upstream = call.route.upstream
-        headers = Headers()
-        for name, values in call.forward_headers:
-            headers.setRawHeaders(name, values)
+        headers = call.forward_headers
         auth = upstream_authorization(upstream, call.client_authorization, self.settings.client_token is not None)
         if auth is not None:
-            headers.setRawHeaders(b"authorization", [auth])
+            headers = [*headers, (b"Authorization", [auth])]
         url = upstream_url(upstream, call.subpath, call.query)
         d = self.http.request(call.method.encode("ascii"), url, headers, call.body or None)
-        timed_out = []
+        timed_out: list[bool] = []
 
         def expire() -> None:
             timed_out.append(True)
             d.cancel()
 
         timer = self.clock.callLater(self.settings.read_timeout, expire)
-        try:
-            return await d
-        except CancelledError:
-            if timed_out:
-                raise errors.gateway_timeout(
-                    f"Upstream {upstream.name!r} sent no response headers within "
-                    f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
-                ) from None
-            raise
-        except ConnectTimeout:
-            raise errors.gateway_timeout(
-                f"Upstream {upstream.name!r} did not accept a connection within "
-                f"{self.settings.connect_timeout:g} s (GREYFOX_CONNECT_TIMEOUT)."
-            ) from None
-        except (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed) as e:
-            if timed_out:
-                raise errors.gateway_timeout(
-                    f"Upstream {upstream.name!r} sent no response headers within "
-                    f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
-                ) from None
-            raise errors.bad_gateway(f"Upstream {upstream.name!r} is unreachable: {errors.describe_failure(e)}") from None
-        finally:
+
+        def arrived(response: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            return response
+
+        def failed(failure: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
+            return Failure(self._forward_error(failure.value, upstream.name, bool(timed_out)))
+
+        return d.addCallbacks(arrived, failed)
+
+    def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
+        """What a client is told when its upstream call failed before the response headers."""
+        if timed_out:
+            return errors.gateway_timeout(
+                f"Upstream {upstream!r} sent no response headers within "
+                f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
+            )
+        if isinstance(e, CancelledError):
+            return e
+        if isinstance(e, ConnectTimeout):
+            return errors.gateway_timeout(
+                f"Upstream {upstream!r} did not accept a connection within "
+                f"{self.settings.connect_timeout:g} s (GREYFOX_CONNECT_TIMEOUT)."
+            )
+        if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed)):
+            return errors.bad_gateway(f"Upstream {upstream!r} is unreachable: {errors.describe_failure(e)}")
+        return e
 
     def refuse(self, call: Call, request: IRequest, error: ApiError) -> bytes:
         """Answer with GreyFox's own OpenAI-shaped error."""

@@ -23,9 +23,11 @@ from twisted.python.failure import Failure
 
 from ._api import Api
 from ._cache import Cache
-from ._app import GreyFoxApp
+from ._app import GreyFoxApp, serve_v1
 from ._config import Settings
-from ._http import QuietSite, UpstreamClient, no_delay_listening
+from ._http import QuietSite, no_delay_listening
+from ._server import ServerFactory
+from ._upstream import UpstreamClient
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
@@ -177,7 +179,10 @@ class GreyFoxService(MultiService):
         self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
         self.site = QuietSite(self.web.resource(), max_body=settings.max_body_bytes, v1=self.web.proxy_resource())
         self.site.displayTracebacks = False
-        self.listener = _Listener(reactor, settings.listen, self.site)
+        # /v1 on GreyFox's own HTTP/1.1 protocol; everything else on twisted.web.
+        self.server = ServerFactory(self.site, lambda request: serve_v1(self.proxy, request),
+                                    settings.max_body_bytes, reactor)
+        self.listener = _Listener(reactor, settings.listen, self.server)
         self.listener.setServiceParent(self)
 
     def _settled(self, call: Any, row: Any) -> None:

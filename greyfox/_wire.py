@@ -1,0 +1,91 @@
+# -*- test-case-name: tests.test_wire -*-
+"""HTTP/1.1 pieces both of GreyFox's connections share.  Pure functions and values.
+
+The parsing itself is httptools (llhttp, Node.js's parser): this module only
+holds header fields and writes message heads.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Iterable, Iterator
+
+from twisted.web.http import RESPONSES
+
+#: Header values are written as given; these two bytes would split a field.
+_CRLF_FREE = bytes.maketrans(b"\r\n", b"  ")
+
+
+class RawHeaders:
+    """Header fields as bytes, matched by name without case, kept in arrival order.
+
+    The part of ``twisted.web.http_headers.Headers`` the relay uses, without
+    its per-call name normalisation (it showed in the profile).
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self._fields: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        for name, value in pairs:
+            self.addRawHeader(name, value)
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        field = self._fields.get(key)
+        if field is None:
+            self._fields[key] = (name, [value])
+        else:
+            field[1].append(value)
+
+    def setRawHeaders(self, name: bytes, values: list[bytes]) -> None:
+        self._fields[name.lower()] = (name, list(values))
+
+    def removeHeader(self, name: bytes) -> None:
+        self._fields.pop(name.lower(), None)
+
+    def hasHeader(self, name: bytes) -> bool:
+        return name.lower() in self._fields
+
+    def getRawHeaders(self, name: bytes, default: list | None = None) -> list | None:  # type: ignore[type-arg]
+        field = self._fields.get(name.lower())
+        return default if field is None else field[1]
+
+    def first(self, name: bytes) -> bytes | None:
+        field = self._fields.get(name.lower())
+        return None if field is None else field[1][0]
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        return iter(self._fields.values())
+
+    def __repr__(self) -> str:
+        return f"RawHeaders({list(self._fields.values())!r})"
+
+
+def encode_fields(fields: Iterable[tuple[bytes, list[bytes]]]) -> bytes:
+    """``Name: value\\r\\n`` lines; CR and LF inside a value become spaces."""
+    return b"".join(
+        name + b": " + value.translate(_CRLF_FREE) + b"\r\n" for name, values in fields for value in values
+    )
+
+
+def status_line(code: int) -> bytes:
+    reason = RESPONSES.get(code, b"Unknown")
+    return b"HTTP/1.1 %d %s\r\n" % (code, reason)
+
+
+class HttpDate:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    def __init__(self, now: callable = time.time) -> None:  # type: ignore[valid-type]
+        self._now = now
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._now())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True).encode("ascii")
+        return self._value

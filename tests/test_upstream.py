@@ -1,0 +1,201 @@
+"""The upstream HTTP client against a scripted server on a real loopback socket."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
+
+from greyfox._upstream import UpstreamClient, host_header, split_url
+
+from .conftest import sleep
+
+Script = Callable[["Server", bytes], None]
+
+
+class Server(Protocol):
+    """Answers each request's bytes with the factory's script."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.factory.live.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received.append(data)
+        if b"\r\n\r\n" in data:
+            self.factory.script(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.live.remove(self)
+
+
+class Scripted(Factory):
+    protocol = Server
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.live: list[Server] = []
+
+
+class Collect(Protocol):
+    """A body protocol: keeps the bytes and how the body ended."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Deferred[list[Failure]] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.ended.callback([reason])  # in a list: a Failure as a result would fail the Deferred
+
+
+@pytest_twisted.async_yield_fixture
+async def serve() -> Any:
+    ports = []
+
+    def start(script: Script) -> tuple[Scripted, bytes]:
+        factory = Scripted(script)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return factory, b"http://127.0.0.1:%d" % port.getHost().port
+
+    client = UpstreamClient(reactor, connect_timeout=2)
+    yield start, client
+    await client.close()
+    for port in ports:
+        await port.stopListening()
+
+
+def ok(body: bytes, extra: bytes = b"") -> Script:
+    def script(server: Server, request: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+
+    return script
+
+
+async def fetch(client: UpstreamClient, url: bytes, method: bytes = b"POST", body: bytes | None = b"{}") -> tuple[Any, Collect, Failure]:
+    response = await client.request(method, url, [(b"Content-Type", [b"application/json"])], body)
+    collect = Collect()
+    response.deliverBody(collect)
+    [ending] = await collect.ended
+    return response, collect, ending
+
+
+def test_urls() -> None:
+    assert split_url(b"https://api.example.com/v1/chat?x=1") == ((b"https", b"api.example.com", 443), b"/v1/chat?x=1")
+    assert split_url(b"http://127.0.0.1:8080") == ((b"http", b"127.0.0.1", 8080), b"/")
+    assert host_header((b"https", b"api.example.com", 443)) == b"api.example.com"
+    assert host_header((b"http", b"::1", 81)) == b"[::1]:81"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_reuse_one_connection(serve: Any) -> None:
+    start, client = serve
+    factory, base = start(ok(b'{"a":1}', b"Content-Type: application/json\r\n"))
+    for _ in range(3):
+        response, body, ending = await fetch(client, base + b"/v1/chat/completions")
+        assert response.code == 200 and body.data == b'{"a":1}' and ending.check(ResponseDone)
+        assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert factory.connections == 1
+    first = factory.received[0]
+    assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"Content-Length: 2\r\n" in first and first.endswith(b"\r\n\r\n{}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_answers_are_decoded(serve: Any) -> None:
+    start, client = serve
+    packed = gzip.compress(b'{"usage":{}}')
+    _, base = start(ok(packed, b"Content-Encoding: gzip\r\n"))
+    response, body, ending = await fetch(client, base + b"/v1/x")
+    assert body.data == b'{"usage":{}}' and ending.check(ResponseDone)
+    assert not response.headers.hasHeader(b"content-encoding")
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_until_close_is_complete_and_not_reused(serve: Any) -> None:
+    def script(server: Server, request: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        server.transport.loseConnection()
+
+    start, client = serve
+    factory, base = start(script)
+    _, body, ending = await fetch(client, base + b"/v1/x")
+    assert body.data == b"all of it" and ending.check(PotentialDataLoss)
+    await fetch(client, base + b"/v1/x")
+    assert factory.connections == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_body_fails(serve: Any) -> None:
+    def script(server: Server, request: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        server.transport.loseConnection()
+
+    start, client = serve
+    _, base = start(script)
+    _, body, ending = await fetch(client, base + b"/v1/x")
+    assert body.data == b"only part" and ending.check(ResponseFailed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_answer_and_refused(serve: Any) -> None:
+    start, client = serve
+    _, base = start(lambda server, request: server.transport.loseConnection())
+    with pytest.raises(ResponseNeverReceived):
+        await client.request(b"POST", base + b"/v1/x", [], b"{}")
+    with pytest.raises(ConnectError):
+        await client.request(b"GET", b"http://127.0.0.1:1/v1/models", [], None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_before_the_answer_drops_the_connection(serve: Any) -> None:
+    start, client = serve
+    factory, base = start(lambda server, request: None)  # never answers
+    d = client.request(b"POST", base + b"/v1/x", [], b"{}")
+    await sleep(0.05)
+    assert len(factory.live) == 1
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    await sleep(0.05)
+    assert factory.live == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_closed_by_the_server_is_not_reused(serve: Any) -> None:
+    start, client = serve
+    factory, base = start(ok(b"x"))
+    await fetch(client, base + b"/v1/x")
+    factory.live[0].transport.loseConnection()
+    await sleep(0.05)
+    _, body, _ = await fetch(client, base + b"/v1/x")
+    assert body.data == b"x" and factory.connections == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_interim_answers_and_head(serve: Any) -> None:
+    def script(server: Server, request: bytes) -> None:
+        if request.startswith(b"HEAD"):
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+        else:
+            server.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+
+    start, client = serve
+    _, base = start(script)
+    response, body, _ = await fetch(client, base + b"/v1/x")
+    assert response.code == 201 and body.data == b"ok"
+    response, body, ending = await fetch(client, base + b"/v1/x", method=b"HEAD", body=None)
+    assert response.code == 200 and body.data == b"" and ending.check(ResponseDone)

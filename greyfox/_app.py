@@ -29,6 +29,7 @@ from ._errors import ApiError
 from ._metrics import CONTENT_TYPE, Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
+from ._server import V1Request
 
 log = Logger()
 
@@ -59,29 +60,31 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
     """Serve one ``/v1`` request to its end, on either HTTP server.
 
     Cancels the proxy's work when the client leaves; answers 503 when a
-    shutdown cancelled it, 500 (and logs) when GreyFox itself failed.
+    shutdown cancelled it, 500 (and logs) when GreyFox itself failed.  Both
+    servers set ``request.channel`` to ``None`` when the client is gone.
     """
     subpath = request.path[len(b"/v1") :] or b"/"
     d = ensureDeferred(proxy.handle(request, subpath))
     proxy.in_flight.add(d)
-    over: list[bool] = []
 
-    def gone(failure: Any) -> None:
-        over.append(True)
+    def gone(failure: Any = None) -> None:
         d.cancel()
 
-    request.notifyFinish().addCallbacks(lambda _: over.append(True), gone)
+    if isinstance(request, V1Request):
+        request.when_gone = gone  # no Deferred per request for this
+    else:
+        request.notifyFinish().addErrback(gone)
 
     def respond(body: bytes) -> None:
         proxy.in_flight.discard(d)
-        if not over:
+        if request.channel is not None and not request.finished:
             if body:
                 request.write(body)
             request.finish()
 
     def failed(failure: Any) -> None:
         proxy.in_flight.discard(d)
-        if over:
+        if request.channel is None or request.finished:
             return  # the client left; nothing to answer
         if failure.check(CancelledError):  # cancelled by a shutdown that ran out of grace
             error = ApiError(503, "GreyFox is shutting down; retry.", "server_error", "shutting_down")

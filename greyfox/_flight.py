@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
@@ -62,6 +62,7 @@ class Flight:
         self._pump: BodyPump | None = None
         self._to_settle: list["Call"] = []
         self._meter: StreamMeter | None = None
+        self._content_type = ""
         self._counter: IncrementalCounter | None = None
 
     @property
@@ -90,8 +91,10 @@ class Flight:
                 sub.end()
         return sub
 
-    def start(self) -> Deferred[None]:
-        return ensureDeferred(self._run())
+    def start(self) -> None:
+        """Call the upstream.  Callbacks, not a coroutine: this runs for every relayed request."""
+        self._forwarding = self.proxy.forward(self.leader)
+        self._forwarding.addCallbacks(self._got_response, self._forward_failed).addErrback(self._crashed)
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
@@ -102,25 +105,23 @@ class Flight:
 
     # -- the call --
 
-    async def _run(self) -> None:
+    def _forward_failed(self, failure: Failure) -> None:
+        self._forwarding = None
+        if failure.check(ApiError):
+            self._finish(failure)
+        elif failure.check(CancelledError):
+            self._finish(Failure(ClientGone()), "client disconnected")
+        else:
+            log.failure("request {id}: forwarding failed", failure, id=self.leader.id)
+            self._finish(Failure(ApiError(502, "GreyFox could not reach the upstream.", "upstream_error", "upstream_unreachable")))
+
+    def _got_response(self, response: Any) -> None:
         proxy = self.proxy
         leader = self.leader
-        try:
-            self._forwarding = proxy.forward(leader)
-            response = await self._forwarding
-        except ApiError as e:
-            self._finish(Failure(e))
-            return
-        except CancelledError:
-            self._finish(Failure(ClientGone()), "client disconnected")
-            return
-        except Exception:
-            log.failure("request {id}: forwarding failed", id=leader.id)
-            self._finish(Failure(ApiError(502, "GreyFox could not reach the upstream.", "upstream_error", "upstream_unreachable")))
-            return
         self._forwarding = None
         self.response = response
         content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
+        self._content_type = content_type.decode("latin-1")
         self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
         if content_type.startswith(b"text/event-stream"):
             self._meter = StreamMeter(self._counter, expect_usage=leader.asks_for_usage)
@@ -138,24 +139,43 @@ class Flight:
             return
         pump = self._pump = BodyPump(self.fanout, proxy.clock, proxy.settings.stream_idle_timeout)
         response.deliverBody(pump)
-        error = None
-        try:
-            await pump.done
-            self.fanout.finish()
-        except StreamIdle:
-            error = f"stream idle for {proxy.settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
+        pump.done.addCallbacks(self._body_ended, self._body_failed).addErrback(self._crashed)
+
+    def _body_ended(self, _: None) -> None:
+        assert self.fanout is not None
+        self.fanout.finish()
+        self._conclude(None)
+
+    def _body_failed(self, failure: Failure) -> Failure | None:
+        settings, leader = self.proxy.settings, self.leader
+        if failure.check(StreamIdle):
+            error = f"stream idle for {settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
             log.info("request {id}: {error}; stream ended", id=leader.id, error=error)
-        except (ClientGone, CancelledError):
+        elif failure.check(ClientGone, CancelledError):
             error = "client disconnected"
-        except ResponseFailed as e:
-            error = "upstream dropped the response: " + describe_failure(e)
+        elif failure.check(ResponseFailed):
+            error = "upstream dropped the response: " + describe_failure(failure.value)
             log.info("request {id}: {error}", id=leader.id, error=error)
+        else:
+            return failure
+        self._conclude(error)
+        return None
+
+    def _conclude(self, error: str | None) -> None:
+        """The body is over: take usage, store a complete answer, end every client."""
+        code = self.response.code
         if not self.answered:  # _answered() took it when the stream said it was over
-            self._take_usage(response.code)
+            self._take_usage(code)
         complete = self._meter.done if self._meter is not None else error is None
-        if self.store and complete and response.code == 200:
-            self._store(content_type.decode("latin-1"))
+        if self.store and complete and code == 200:
+            self._store(self._content_type)
         self._finish(None, error)
+
+    def _crashed(self, failure: Failure) -> None:
+        """A bug on the relay path: log it, and answer the clients rather than leave them hanging."""
+        log.failure("request {id}: relaying failed", failure, id=self.leader.id)
+        if not self.ended:
+            self._finish(Failure(ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")))
 
     def _begin(self, sub: Subscriber, call: "Call") -> None:
         """Status and headers for one client, before its first body byte."""

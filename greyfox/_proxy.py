@@ -155,7 +155,8 @@ class Proxy:
             self.parse(call, request)
             self.route(call)
             self.plan_cache(call, request)
-            if call.lookup and await self.serve_hit(call, request):
+            entry = self.cache.lookup(call.key, call.read_scopes) if call.lookup else None
+            if entry is not None and await self.serve_hit(call, request, entry):
                 return b""
             if call.replay:
                 raise errors.cache_miss(call.key)
@@ -302,12 +303,8 @@ class Proxy:
         if call.replay:
             call.lookup, call.store = True, False
 
-    async def serve_hit(self, call: Call, request: IRequest) -> bool:
-        """Answer from the cache if there is a valid entry; whether it did."""
-        assert call.key is not None
-        entry = self.cache.lookup(call.key, call.read_scopes)
-        if entry is None:
-            return False
+    async def serve_hit(self, call: Call, request: IRequest, entry: Any) -> bool:
+        """Answer from the cache entry found for this request; whether it could."""
         body = await self.cache.body(entry)
         if body is None:
             return False

@@ -129,8 +129,8 @@ class Quotas:
         self.loop_max_repeats = loop_max_repeats
         self.loop_window = loop_window
         self.overrides: dict[str, Overrides] = dict(overrides or {})
-        self._today = _Day(self.day_of(now))
         self._day_start = self._day_end = 0.0
+        self._today = _Day(self.day_of(now))
         self._requests: dict[str, deque[float]] = {}
         self._tokens: dict[str, deque[list[float]]] = {}
         self._loops: dict[tuple[str, str], deque[float]] = {}
@@ -145,6 +145,8 @@ class Quotas:
     # -- time --
 
     def day_of(self, now: float) -> str:
+        if self._day_start <= now < self._day_end:  # today, the common case: no time-zone arithmetic
+            return self._today.day
         return datetime.fromtimestamp(now, self.tz).date().isoformat()
 
     def next_midnight(self, now: float) -> float:

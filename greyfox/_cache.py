@@ -224,13 +224,20 @@ class Cache:
             return entry
         return None
 
-    async def body(self, entry: CacheEntry) -> Body | None:
-        """The entry's body: from memory, else one read in the pool's thread."""
-        self._use(entry)
+    def hot_body(self, entry: CacheEntry) -> Body | None:
+        """The entry's body if it is in memory (then it counts as used), else ``None``."""
         hot = self._hot.get(entry.id)
         if hot is not None:
+            self._use(entry)
             self._hot.move_to_end(entry.id)
+        return hot
+
+    async def body(self, entry: CacheEntry) -> Body | None:
+        """The entry's body: from memory, else one read in the pool's thread."""
+        hot = self.hot_body(entry)
+        if hot is not None:
             return hot
+        self._use(entry)
         data = await self._run(_body_txn, entry.key, entry.scope)
         if data is None:
             self._forget([entry])

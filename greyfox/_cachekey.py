@@ -20,13 +20,17 @@ SHARED = "shared"
 IGNORED_FIELDS = frozenset({"stream_options"})
 
 
+#: One encoder, made once: json.dumps builds a new one per call when given options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_json(doc: Any) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return _CANONICAL.encode(doc).encode("utf-8")
 
 
 def cache_key(upstream: str, path: str, body: dict[str, Any]) -> str:
     """The hex key of a request: same upstream, path and body fields -> same key."""
-    kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS} if "stream_options" in body else body
     h = hashlib.sha256()
     h.update(upstream.encode("utf-8") + b"\n" + path.encode("utf-8") + b"\n")
     h.update(canonical_json(kept))

@@ -156,8 +156,11 @@ class Proxy:
             self.route(call)
             self.plan_cache(call, request)
             entry = self.cache.lookup(call.key, call.read_scopes) if call.lookup else None
-            if entry is not None and await self.serve_hit(call, request, entry):
-                return b""
+            if entry is not None:
+                body = self.cache.hot_body(entry) or await self.cache.body(entry)  # no await when in memory
+                if body is not None:
+                    self.serve_hit(call, request, entry, body)
+                    return b""
             if call.replay:
                 raise errors.cache_miss(call.key)
             flight = self.joinable_flight(call)
@@ -303,11 +306,8 @@ class Proxy:
         if call.replay:
             call.lookup, call.store = True, False
 
-    async def serve_hit(self, call: Call, request: IRequest, entry: Any) -> bool:
-        """Answer from the cache entry found for this request; whether it could."""
-        body = await self.cache.body(entry)
-        if body is None:
-            return False
+    def serve_hit(self, call: Call, request: IRequest, entry: Any, body: Any) -> None:
+        """Answer from the cache."""
         data = body.for_client(call.wants_usage_chunk)
         now = self.clock.seconds()
         call.cache, call.status, call.first_byte = "HIT", 200, now
@@ -319,7 +319,6 @@ class Proxy:
         request.setHeader(b"content-length", str(len(data)).encode())
         self.remaining_header(call, request)
         request.write(data)
-        return True
 
     def joinable_flight(self, call: Call) -> Flight | None:
         """An identical request already in the air that this one may share."""

@@ -10,7 +10,6 @@ what a request really used beyond its reservation.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import deque
 from datetime import date, datetime, time, timedelta
 from typing import Any, Iterable, Mapping
@@ -76,15 +75,25 @@ def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> str:
     parts: list[Any] = [model]
     messages = body.get("messages")
     if isinstance(messages, list):
-        system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")][:1]
-        first_user = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"][:1]
+        system = first_user = None
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            role = m.get("role")
+            if system is None and role in ("system", "developer"):
+                system = [m.get("content")]
+            elif first_user is None and role == "user":
+                first_user = [m.get("content")]
+                break  # a system prompt comes first, if there is one
         parts += [system, first_user]
     else:
         parts.append(body.get("instructions"))
         for key in ("prompt", "input"):
             value = body.get(key)
             parts.append(value[:1] if isinstance(value, list) else value)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    # repr, not JSON: the parts come from one parsed body, so the same request
+    # gives the same text, and this runs for every request.
+    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 def duration(seconds: float) -> str:

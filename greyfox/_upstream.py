@@ -39,6 +39,9 @@ MAX_IDLE_SECONDS = 50.0
 
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
 
+#: How a complete body ends, made once: a Failure per response showed in the profile.
+_DONE = Failure(ResponseDone())
+
 
 def split_url(url: bytes) -> tuple[Origin, bytes]:
     """``https://h:1/p?q`` -> ((b"https", b"h", 1), b"/p?q")."""
@@ -213,7 +216,7 @@ class _Connection(Protocol):
             # and close the connection rather than misread what follows.
             self.connected = False
             self.transport.loseConnection()
-            response._end(Failure(ResponseDone()))
+            response._end(_DONE)
         else:
             self._response = response
         if waiting is not None:
@@ -247,7 +250,7 @@ class _Connection(Protocol):
         elif self.connected:
             self.connected = False
             self.transport.loseConnection()
-        response._end(Failure(ResponseDone()))
+        response._end(_DONE)
 
     # -- endings --
 

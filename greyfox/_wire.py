@@ -65,14 +65,17 @@ class RawHeaders:
 
 def encode_fields(fields: Iterable[tuple[bytes, list[bytes]]]) -> bytes:
     """``Name: value\\r\\n`` lines; CR and LF inside a value become spaces."""
-    return b"".join(
-        name + b": " + value.translate(_CRLF_FREE) + b"\r\n" for name, values in fields for value in values
-    )
+    return b"".join([name + b": " + value.translate(_CRLF_FREE) + b"\r\n" for name, values in fields for value in values])
+
+
+_STATUS_LINES: dict[int, bytes] = {}
 
 
 def status_line(code: int) -> bytes:
-    reason = RESPONSES.get(code, b"Unknown")
-    return b"HTTP/1.1 %d %s\r\n" % (code, reason)
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, RESPONSES.get(code, b"Unknown"))
+    return line
 
 
 class HttpDate:

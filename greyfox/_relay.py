@@ -305,7 +305,7 @@ class Fanout:
         else:
             meter = self.meter
             assert meter is not None
-            pieces = [(e.raw, meter.on_event(e)) for e in self.parser.feed(data)]
+            pieces = [(raw, meter.on_raw(raw)) for raw in self.parser.feed_raw(data)]
             if not pieces:
                 return
         self._send(pieces)

@@ -119,7 +119,7 @@ class V1Request:
         if not data or self.method == b"HEAD":
             return
         if self._chunked:
-            channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             channel.transport.write(data)
 

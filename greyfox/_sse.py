@@ -17,7 +17,7 @@ import attr
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 _LINE = re.compile(rb"\r\n|\n|\r")
 
-#: An event that grows past this without ending is relayed raw, unparsed.
+#: An event larger than this (or growing past it without ending) is relayed raw, unparsed.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
@@ -36,6 +36,8 @@ class Event:
 
 def parse_event(raw: bytes) -> Event:
     """Parse one complete event's bytes."""
+    if raw.startswith(b"data: ") and raw.find(b"\n", 6) == len(raw) - 2 and raw.endswith(b"\n\n") and b"\r" not in raw:
+        return Event(raw, None, raw[6:-2].decode("utf-8", "replace"))  # the usual shape: one data line
     name: str | None = None
     data: list[str] = []
     for line in _LINE.split(raw):
@@ -59,20 +61,35 @@ class SSEParser:
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list[Event]:
+        limit = self._max
+        return [Event(raw) if len(raw) > limit else parse_event(raw) for raw in self.feed_raw(data)]
+
+    def feed_raw(self, data: bytes) -> list[bytes]:
+        """The bytes of each event completed by ``data``, unparsed (the relay
+        parses only the events that matter to it)."""
         buf = self._buf + data if self._buf else data
-        events = []
+        events: list[bytes] = []
         start = 0
         # Only search from a little before the new bytes: an end can straddle.
         pos = max(0, len(self._buf) - 3)
-        while True:
-            m = _EVENT_END.search(buf, pos)
-            if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
-                break  # a final CR may be the first half of a CRLF: wait for the next byte
-            events.append(parse_event(buf[start : m.end()]))
-            start = pos = m.end()
+        if b"\r" not in buf:  # LF only, as every LLM API sends: no regex needed
+            while True:
+                end = buf.find(b"\n\n", pos)
+                if end < 0:
+                    break
+                end += 2
+                events.append(buf[start:end])
+                start = pos = end
+        else:
+            while True:
+                m = _EVENT_END.search(buf, pos)
+                if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
+                    break  # a final CR may be the first half of a CRLF: wait for the next byte
+                events.append(buf[start : m.end()])
+                start = pos = m.end()
         rest = buf[start:]
         if len(rest) > self._max:
-            events.append(Event(rest))
+            events.append(rest)
             rest = b""
         self._buf = rest
         return events

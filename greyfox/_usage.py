@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import attr
 
-from ._sse import Event, parse_event
+from ._sse import MAX_EVENT_BYTES, Event, parse_event
 from ._tokens import IncrementalCounter
 
 
@@ -123,7 +123,6 @@ class StreamMeter:
         self.unseen_events = 0
         self.usage: Usage | None = None
         self.done = False  # saw [DONE] or a terminal Responses event
-        self.events = 0
 
     def overflow(self, kept: Iterable[bytes]) -> None:
         """The relay stops keeping events (a very long stream).
@@ -155,7 +154,6 @@ class StreamMeter:
         data = event.data
         if data is None:
             return False
-        self.events += 1
         if data == "[DONE]":
             self.done = True
             return False
@@ -165,6 +163,18 @@ class StreamMeter:
         if not self.eager and not _may_matter(data):
             return False
         return self._parse(data, count_text=self.eager)
+
+    def on_raw(self, raw: bytes) -> bool:
+        """:meth:`on_event` for an event's bytes, parsed only when it can matter:
+        most chunks of a stream whose upstream reports usage are never parsed."""
+        if len(raw) > MAX_EVENT_BYTES:
+            return False  # relayed unparsed (see _sse)
+        if not self.eager and b'"usage"' not in raw and b'"response.' not in raw and b"[DONE]" not in raw:
+            if self.blind and raw.startswith(b"data"):
+                self.unseen_chars += len(raw) - 8  # less "data: " and the blank line
+                self.unseen_events += 1
+            return False
+        return self.on_event(parse_event(raw))
 
     def catch_up(self, raws: Iterable[bytes]) -> None:
         """Count the text of events seen lazily (their raw bytes, in order)."""

@@ -52,3 +52,23 @@ def test_oversized_event_is_passed_raw():
 
 def test_parse_event_ignores_unknown_fields():
     assert parse_event(b"id: 7\nretry: 10\ndata: z\n\n").data == "z"
+
+
+LF_STREAM = (
+    b'data: {"a": 1}\n\n'
+    b"data: x\n\n\n"  # an extra blank line
+    b"event: e\ndata: two\ndata: lines\n\n"
+    b": comment\n\n"
+    b"data: [DONE]\n\n"
+)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(LF_STREAM)), max_size=30))
+def test_any_split_of_an_lf_stream_gives_the_same_events(cuts):
+    """LF-only streams (what LLM APIs send) take a faster path: same events."""
+    cuts = sorted(set(cuts))
+    chunks = [LF_STREAM[a:b] for a, b in zip([0] + cuts, cuts + [len(LF_STREAM)])]
+    events = events_of(chunks)
+    assert events == events_of([LF_STREAM])
+    assert b"".join(e.raw for e in events) == LF_STREAM
+    assert [e.data for e in events] == ['{"a": 1}', "x", "two\nlines", None, "[DONE]"]

@@ -59,3 +59,16 @@ def test_meter_counts_text_of_every_api_shape():
     assert meter.counter.total == 4
     meter.on_event(chunk({"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 5}}}))
     assert meter.usage == Usage(2, 5) and meter.done
+
+
+def test_meter_on_raw_bytes_gives_what_on_event_gives():
+    """The relay hands the meter raw event bytes; it parses only those that can matter."""
+    stream = [chunk({"choices": [{"delta": {"content": "aaaa"}}], "usage": None}),
+              chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
+              Event(b"data: [DONE]\n\n", None, "[DONE]")]
+    by_raw, by_event = StreamMeter(IncrementalCounter(None)), StreamMeter(IncrementalCounter(None))
+    assert [by_raw.on_raw(e.raw) for e in stream] == [by_event.on_event(e) for e in stream] == [False, True, False]
+    assert (by_raw.usage, by_raw.done) == (by_event.usage, by_event.done) == (Usage(3, 1), True)
+    eager = StreamMeter(IncrementalCounter(None), eager=True)
+    eager.on_raw(stream[0].raw)
+    assert eager.counter.total == 1  # eager: text chunks are parsed and counted

@@ -20,7 +20,7 @@ setup(
         "greyfox.web": ["*.html", "*.js", "*.css", "*.svg"],
     },
     install_requires=[
-        "twisted>=24.7",
+        "twisted[tls]>=24.7",  # TLS: pyOpenSSL and service_identity, for HTTPS upstreams
         "klein>=24.8",
         "tiktoken>=0.8",
         "attrs>=23.1",

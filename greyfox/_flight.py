@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
 
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from ._routing import response_headers
 from ._tokens import IncrementalCounter, estimate_prompt_tokens
+from ._upstream import ResponseFailed
 from ._usage import StreamMeter, Usage, usage_from_body
 
 if TYPE_CHECKING:

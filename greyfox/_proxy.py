@@ -19,7 +19,6 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IRequest
 
 from . import _errors as errors
@@ -33,6 +32,7 @@ from ._routing import Route, bearer, request_headers, resolve, upstream_authoriz
 from ._store import Ledger, LedgerRow
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import estimate_prompt_tokens
+from ._upstream import ResponseFailed, ResponseNeverReceived
 from ._usage import Usage
 
 log = Logger()

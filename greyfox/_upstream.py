@@ -9,7 +9,9 @@ connection, hand the response's headers over, then pump its body with
 back-pressure.  The response looks like ``IResponse`` where the relay reads
 it (``code``, ``headers``, ``deliverBody``) and the body protocol sees the
 same endings as with ``Agent`` (``ResponseDone``, ``PotentialDataLoss``,
-``ResponseFailed``).  No cookies, no redirects, gzip decoded, TCP_NODELAY.
+``ResponseFailed``, defined here).  No cookies, no redirects, gzip decoded,
+TCP_NODELAY; HTTPS checks certificates and host names against the
+platform's trust store.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS, PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 
 from ._wire import RawHeaders, encode_fields
 
@@ -38,6 +39,31 @@ MAX_IDLE_PER_ORIGIN = 32
 MAX_IDLE_SECONDS = 50.0
 
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
+
+
+# How a body ends, as its protocol's connectionLost hears it: the same names
+# and shapes as twisted.web.client's, without loading Agent.
+
+
+class ResponseDone(Exception):
+    """The body is complete, as its framing said."""
+
+
+class PotentialDataLoss(Exception):
+    """The body ended with the connection, as a response without a length does."""
+
+
+class ResponseFailed(Exception):
+    """The answer broke off; ``reasons`` holds the Failures that ended it."""
+
+    def __init__(self, reasons: list[Failure]) -> None:
+        super().__init__(reasons)
+        self.reasons = reasons
+
+
+class ResponseNeverReceived(ResponseFailed):
+    """The connection failed before the response headers."""
+
 
 #: How a complete body ends, made once: a Failure per response showed in the profile.
 _DONE = Failure(ResponseDone())
@@ -300,10 +326,12 @@ class _ConnectionFactory(Factory):
 class UpstreamClient:
     """Requests to upstreams over persistent connections, one request per connection at a time."""
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, connect_timeout: float, trust_root: Any = None) -> None:
+        """:param trust_root: certificates HTTPS upstreams are checked against
+        (``None``: the platform's trust store)."""
         self._reactor = reactor
         self._timeout = connect_timeout
-        self._tls = BrowserLikePolicyForHTTPS()
+        self._trust_root = trust_root
         self._endpoints: dict[Origin, Any] = {}
         self._idle: dict[Origin, list[_Connection]] = {}
 
@@ -357,9 +385,12 @@ class UpstreamClient:
         endpoint = self._endpoints.get(origin)
         if endpoint is None:
             scheme, host, port = origin
-            endpoint = HostnameEndpoint(self._reactor, host.decode("idna"), port, timeout=self._timeout)
-            if scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
+            hostname = host.decode("idna")
+            endpoint = HostnameEndpoint(self._reactor, hostname, port, timeout=self._timeout)
+            if scheme == b"https":  # certificate and host name checked, as a browser does
+                from twisted.internet.ssl import optionsForClientTLS
+
+                endpoint = wrapClientTLS(optionsForClientTLS(hostname, trustRoot=self._trust_root), endpoint)
             self._endpoints[origin] = endpoint
         return endpoint
 

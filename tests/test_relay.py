@@ -6,10 +6,10 @@ from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 
 from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from greyfox._tokens import IncrementalCounter
+from greyfox._upstream import ResponseDone
 from greyfox._usage import StreamMeter
 
 

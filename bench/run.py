@@ -64,6 +64,17 @@ def free_port() -> int:
     return port
 
 
+def wait_port(port: int, timeout: float = 20) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"port {port} did not open")
+
+
 def pinned(cpu: str, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *cmd] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else cmd
 
@@ -306,6 +317,24 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
             rows.append([f"relay, cache miss, c={c}", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                          f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                          f"{cpu_ms:.3f} ms"])
+
+        # The floor: the same relay with no GreyFox code (bench/floor.py), right after.
+        floor_port = free_port()
+        floor = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, os.path.join(HERE, "floor.py"), str(floor_port), str(up_port)]))
+        try:
+            wait_port(floor_port)
+            floor_url = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+            wrk(floor_url, 16, 1, unique)  # warm its pool
+            cpu0 = proc_cpu(floor.pid)
+            f = wrk(floor_url, 16, secs, unique)
+            floor_ms = (proc_cpu(floor.pid) - cpu0) * 1000 / max(1, f["requests"])
+        finally:
+            floor.terminate()
+            floor.wait()
+        gf_ms = figures["relay_c16"]["cpu_ms_per_request"]
+        figures["floor_c16"] = {"proxy": f, "cpu_ms_per_request": floor_ms}
+        rows.append(["floor: relay with no GreyFox code, c=16", "", f"{f['rps']:.0f} req/s", "",
+                     f"GreyFox's own work: {gf_ms - floor_ms:.3f} ms", f"{floor_ms:.3f} ms"])
 
         post(proxied, FIXED_BODY)  # warm the cache entry
         for c in (16, 64):

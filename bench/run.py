@@ -156,13 +156,13 @@ async def _stream_once(port: int, body: bytes) -> tuple[float, float, int]:
     return (ttfb or total) * 1000, total * 1000, data.count(b"data: {")
 
 
-async def _streams(port: int, conns: int, n: int) -> dict[str, float]:
+async def _streams(port: int, conns: int, n: int, model: str = "gpt-4o-mini") -> dict[str, float]:
     results: list[tuple[float, float, int]] = []
     counter = iter(range(10**9))
 
     async def worker() -> None:
         while len(results) < n:
-            body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 64,
+            body = json.dumps({"model": model, "stream": True, "max_tokens": 64,
                                "messages": [{"role": "user", "content": f"stream {time.time()} {next(counter)}"}]}).encode()
             results.append(await _stream_once(port, body))
 
@@ -180,8 +180,8 @@ async def _streams(port: int, conns: int, n: int) -> dict[str, float]:
     }
 
 
-def streams(port: int, conns: int, n: int) -> dict[str, float]:
-    return asyncio.run(_streams(port, conns, n))
+def streams(port: int, conns: int, n: int, model: str = "gpt-4o-mini") -> dict[str, float]:
+    return asyncio.run(_streams(port, conns, n, model))
 
 
 async def _slow_big(port: int, mib: int, pid: int, rate_mib_s: float) -> dict[str, float]:
@@ -358,6 +358,17 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                          f"TTFB {p['ttfb_p50']:.2f} ms, total {p['total_p50']:.2f} ms, {p['chunks_per_s']:.0f} chunks/s",
                          f"{p['chunks_per_s'] / d['chunks_per_s']:.2f}", f"TTFB +{p['ttfb_p50'] - d['ttfb_p50']:.2f} ms",
                          f"{cpu_ms:.3f} ms"])
+
+        # As a model streams: the first event alone, the rest 5 ms later.
+        d = streams(up_port, 1, n_streams, "paced")
+        cpu0 = proc_cpu(gf.proc.pid)
+        p = streams(gf.port, 1, n_streams, "paced")
+        cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+        figures["stream_paced_c1"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
+        rows.append(["stream, first event alone (as a model sends), c=1",
+                     f"TTFB {d['ttfb_p50']:.2f} ms, total {d['total_p50']:.2f} ms",
+                     f"TTFB {p['ttfb_p50']:.2f} ms, total {p['total_p50']:.2f} ms",
+                     "", f"TTFB +{p['ttfb_p50'] - d['ttfb_p50']:.2f} ms", f"{cpu_ms:.3f} ms"])
 
         before = proc_rss_mb(gf.proc.pid)
         big = asyncio.run(_slow_big(gf.port, big_mib, gf.proc.pid, rate_mib_s=25))

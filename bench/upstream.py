@@ -4,7 +4,10 @@ It must never be the bottleneck, so it parses only what it needs and answers
 from canned bytes:
 
 * a chat completion as JSON, with ``usage``;
-* ``"stream": true``: SSE, 40 content chunks, a usage chunk when asked, [DONE];
+* ``"stream": true``: SSE, 40 content chunks, a usage chunk when asked, [DONE],
+  in one write;
+* model ``paced``: the same stream, but the first chunk alone and the rest
+  5 ms later, as a model sends its first token before the others;
 * model ``big-N``: an SSE stream of N MiB, written as fast as the reader takes it.
 
 Usage: ``python bench/upstream.py PORT``.
@@ -78,9 +81,20 @@ class Upstream(asyncio.Protocol):
             if b'"include_usage":true' in body.replace(b" ", b""):
                 parts.append(_chunked(USAGE_CHUNK))
             parts += [_chunked(DONE), b"0\r\n\r\n"]
+            if b'"model":"paced"' in body.replace(b" ", b""):
+                self.transport.write(b"".join(parts[:2]))
+                rest = b"".join(parts[2:])
+                asyncio.get_running_loop().call_later(0.005, self._later, rest, close)
+                return
             self.transport.write(b"".join(parts))
         if close:
             self.transport.close()
+
+    def _later(self, data: bytes, close: bool) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+            if close:
+                self.transport.close()
 
     async def big(self, total: int, close: bool) -> None:
         self.transport.write(SSE_HEAD)

@@ -17,6 +17,7 @@ platform's trust store.
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 from typing import Any, Iterable
 
 import httptools
@@ -69,6 +70,7 @@ class ResponseNeverReceived(ResponseFailed):
 _DONE = Failure(ResponseDone())
 
 
+@lru_cache(maxsize=1024)  # a proxy calls the same few URLs over and over
 def split_url(url: bytes) -> tuple[Origin, bytes]:
     """``https://h:1/p?q`` -> ((b"https", b"h", 1), b"/p?q")."""
     parsed = httptools.parse_url(url)
@@ -83,6 +85,7 @@ def split_url(url: bytes) -> tuple[Origin, bytes]:
     return (scheme, host, port), target
 
 
+@lru_cache(maxsize=256)
 def host_header(origin: Origin) -> bytes:
     scheme, host, port = origin
     if b":" in host:

@@ -10,6 +10,7 @@ Functions named ``*_txn`` run in the pool's thread with a cursor.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sqlite3
 from typing import Any, Callable, Sequence
@@ -232,8 +233,12 @@ _INSERT = "INSERT OR REPLACE INTO ledger ({}) VALUES ({})".format(
 )
 
 
+#: A row's values in column order (``attr.astuple`` is generic and recursive: slow per row).
+_row_values = operator.attrgetter(*LEDGER_COLUMNS)
+
+
 def insert_rows_txn(txn: Any, rows: Sequence[LedgerRow]) -> None:
-    txn.executemany(_INSERT, [attr.astuple(r) for r in rows])
+    txn.executemany(_INSERT, [_row_values(r) for r in rows])
 
 
 class Ledger:

@@ -98,8 +98,8 @@ class FakeDB:
         name = fn.__name__
         if name == "_store_many_txn":
             sizes = []
-            for e, data in args[0]:
-                self.bodies[(e.key, e.scope)] = data
+            for row, data in args[0]:  # rows in _COLUMNS order: key, scope first
+                self.bodies[(row[0], row[1])] = data
                 sizes.append(len(data))
             return succeed(sizes)
         if name == "_delete_txn":

@@ -64,7 +64,7 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
     servers set ``request.channel`` to ``None`` when the client is gone.
     """
     subpath = request.path[len(b"/v1") :] or b"/"
-    d = ensureDeferred(proxy.handle(request, subpath))
+    d = proxy.handle(request, subpath)
     proxy.in_flight.add(d)
 
     def gone(failure: Any = None) -> None:

@@ -14,7 +14,7 @@ import math
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -141,8 +141,14 @@ class Proxy:
 
     # -- the pipeline --
 
-    async def handle(self, request: IRequest, subpath: bytes) -> bytes:
-        """Serve one ``/v1`` request; the route's body."""
+    def handle(self, request: IRequest, subpath: bytes) -> Deferred[bytes]:
+        """Serve one ``/v1`` request.
+
+        Fires with the body to finish the response with (``b""`` when the
+        response was written already), once the call's ledger row is queued.
+        Plain Deferreds, no coroutine: a cache hit from memory or a refusal is
+        answered synchronously, and this runs for every request.
+        """
         call = Call(
             id=self.ledger.next_id(),
             started=self.clock.seconds(),
@@ -152,44 +158,80 @@ class Proxy:
         )
         request.setHeader(b"X-GreyFox-Request-Id", str(call.id).encode())
         try:
-            self.parse(call, request)
-            self.route(call)
-            self.plan_cache(call, request)
-            entry = self.cache.lookup(call.key, call.read_scopes) if call.lookup else None
-            if entry is not None:
-                body = self.cache.hot_body(entry) or await self.cache.body(entry)  # no await when in memory
-                if body is not None:
-                    self.serve_hit(call, request, entry, body)
-                    return b""
-            if call.replay:
-                raise errors.cache_miss(call.key)
-            flight = self.joinable_flight(call)
-            leader = flight is None
-            if flight is None:
-                self.admit(call)
-                flight = self.new_flight(call)
-            else:
-                call.cache = "HIT"
-            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
-            self.remaining_header(call, request)
-            subscriber = flight.subscribe(request, call)
-            if leader:
-                flight.start()  # after subscribing: even an instant failure reaches this client
-            await subscriber.done
-            return b""
+            outcome = self._begin(call, request)
         except ApiError as e:
-            return self.refuse(call, request, e)
-        except CancelledError:
-            if getattr(request, "channel", None) is None:
-                call.status, call.error = 499, "client disconnected"
-            else:  # cancelled by a shutdown that ran out of grace; ProxyResource answers 503
-                call.status, call.error = 503, "GreyFox shut down before the answer was complete"
-            raise
-        finally:
-            if call.flight is not None:
-                call.flight.settle_after(call)
-            else:
-                self.settle(call)
+            outcome = self.refuse(call, request, e)
+        except Exception:
+            self._account(call)
+            return fail()  # a bug: serve_v1 logs it and answers 500
+        if isinstance(outcome, bytes):
+            self._account(call)
+            return succeed(outcome)
+
+        def done(body: bytes) -> bytes:
+            self._account(call)
+            return body
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(ApiError):
+                body = self.refuse(call, request, failure.value)
+                self._account(call)
+                return body
+            if failure.check(CancelledError):
+                if getattr(request, "channel", None) is None:
+                    call.status, call.error = 499, "client disconnected"
+                else:  # cancelled by a shutdown that ran out of grace; serve_v1 answers 503
+                    call.status, call.error = 503, "GreyFox shut down before the answer was complete"
+            self._account(call)
+            return failure
+
+        return outcome.addCallbacks(done, failed)
+
+    def _begin(self, call: Call, request: IRequest) -> bytes | Deferred[bytes]:
+        """The pipeline up to the answer: ``b""`` when answered now, else a Deferred of it."""
+        self.parse(call, request)
+        self.route(call)
+        self.plan_cache(call, request)
+        entry = self.cache.lookup(call.key, call.read_scopes) if call.lookup else None
+        if entry is not None:
+            body = self.cache.hot_body(entry)
+            if body is not None:
+                self.serve_hit(call, request, entry, body)
+                return b""
+            return ensureDeferred(self.cache.body(entry)).addCallback(self._cold_hit, call, request, entry)
+        return self._relay(call, request)
+
+    def _cold_hit(self, body: Any, call: Call, request: IRequest, entry: Any) -> bytes | Deferred[bytes]:
+        """The entry's body was read from the database (or had gone: relay instead)."""
+        if body is not None:
+            self.serve_hit(call, request, entry, body)
+            return b""
+        return self._relay(call, request)
+
+    def _relay(self, call: Call, request: IRequest) -> Deferred[bytes]:
+        """Answer from the upstream: a new flight, or one already in the air for the same request."""
+        if call.replay:
+            raise errors.cache_miss(call.key)
+        flight = self.joinable_flight(call)
+        leader = flight is None
+        if flight is None:
+            self.admit(call)
+            flight = self.new_flight(call)
+        else:
+            call.cache = "HIT"
+        request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
+        self.remaining_header(call, request)
+        subscriber = flight.subscribe(request, call)
+        if leader:
+            flight.start()  # after subscribing: even an instant failure reaches this client
+        return subscriber.done.addCallback(lambda _: b"")
+
+    def _account(self, call: Call) -> None:
+        """Queue the ledger row now, or when the shared upstream call knows the usage."""
+        if call.flight is not None:
+            call.flight.settle_after(call)
+        else:
+            self.settle(call)
 
     def parse(self, call: Call, request: IRequest) -> None:
         """Check credentials and the body; nothing reaches the upstream before this passes."""

@@ -380,16 +380,30 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         gf.stop()
 
     # The ledger's cost: the same relay with recording switched off (benchmark only).
+    # Both processes run side by side and are measured in turns (off, on, off, on),
+    # so that the machine's drift falls on both alike.
     nl = GreyFox(up_port, workdir, [sys.executable, os.path.join(HERE, "noledger.py")])
+    on = GreyFox(up_port, workdir)
     try:
         nl.ready()
-        off = wrk(nl.url + "/v1/chat/completions", 16, secs, unique)
-        on = figures["relay_c16"]["proxy"]
-        figures["ledger_cost"] = {"ledger_off_rps": off["rps"], "ledger_on_rps": on["rps"]}
-        rows.append(["relay c=16, ledger off vs on", f"{off['rps']:.0f} req/s (off)", f"{on['rps']:.0f} req/s (on)",
-                     f"{on['rps'] / off['rps']:.2f}", "", ""])
+        on.ready()
+        for target in (nl, on):  # warm both pools and caches alike
+            wrk(target.url + "/v1/chat/completions", 16, 1, unique)
+        turns: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        for _ in range(2):
+            for name, target in (("off", nl), ("on", on)):
+                cpu0 = proc_cpu(target.proc.pid)
+                r = wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique)
+                turns[name].append((r["rps"], (proc_cpu(target.proc.pid) - cpu0) * 1000 / max(1, r["requests"])))
+        off_rps, on_rps = (sum(t[0] for t in turns[k]) / 2 for k in ("off", "on"))
+        off_cpu, on_cpu = (sum(t[1] for t in turns[k]) / 2 for k in ("off", "on"))
+        figures["ledger_cost"] = {"ledger_off_rps": off_rps, "ledger_on_rps": on_rps,
+                                  "ledger_off_cpu_ms": off_cpu, "ledger_on_cpu_ms": on_cpu}
+        rows.append(["relay c=16, ledger off vs on (in turns)", f"{off_rps:.0f} req/s (off)", f"{on_rps:.0f} req/s (on)",
+                     f"{on_rps / off_rps:.2f}", "", f"{off_cpu:.3f} ms off, {on_cpu:.3f} ms on"])
     finally:
         nl.stop()
+        on.stop()
     return figures, rows
 
 

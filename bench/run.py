@@ -380,8 +380,8 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         gf.stop()
 
     # The ledger's cost: the same relay with recording switched off (benchmark only).
-    # Both processes run side by side and are measured in turns (off, on, off, on),
-    # so that the machine's drift falls on both alike.
+    # Both processes run side by side and are measured in turns (off, on, on, off, twice),
+    # so that the machine's drift, often ±20 % within a minute here, falls on both alike.
     nl = GreyFox(up_port, workdir, [sys.executable, os.path.join(HERE, "noledger.py")])
     on = GreyFox(up_port, workdir)
     try:
@@ -391,12 +391,12 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
             wrk(target.url + "/v1/chat/completions", 16, 1, unique)
         turns: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
         for _ in range(2):
-            for name, target in (("off", nl), ("on", on)):
+            for name, target in (("off", nl), ("on", on), ("on", on), ("off", nl)):
                 cpu0 = proc_cpu(target.proc.pid)
                 r = wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique)
                 turns[name].append((r["rps"], (proc_cpu(target.proc.pid) - cpu0) * 1000 / max(1, r["requests"])))
-        off_rps, on_rps = (sum(t[0] for t in turns[k]) / 2 for k in ("off", "on"))
-        off_cpu, on_cpu = (sum(t[1] for t in turns[k]) / 2 for k in ("off", "on"))
+        off_rps, on_rps = (sum(t[0] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))
+        off_cpu, on_cpu = (sum(t[1] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))
         figures["ledger_cost"] = {"ledger_off_rps": off_rps, "ledger_on_rps": on_rps,
                                   "ledger_off_cpu_ms": off_cpu, "ledger_on_cpu_ms": on_cpu}
         rows.append(["relay c=16, ledger off vs on (in turns)", f"{off_rps:.0f} req/s (off)", f"{on_rps:.0f} req/s (on)",

@@ -44,7 +44,7 @@ USAGE_CHUNK_ENDPOINTS = frozenset({b"/chat/completions", b"/completions"})
 MAX_USER_ID = 128
 
 
-@attr.s(auto_attribs=True)
+@attr.s(auto_attribs=True, slots=True)
 class Call:
     """One ``/v1`` request on its way through the pipeline."""
 

@@ -26,10 +26,13 @@ import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import ApiError
 from ._wire import HttpDate, RawHeaders, encode_fields, status_line
+
+log = Logger()
 
 #: Request line and header fields together, at most (twisted.web allows 16 KiB).
 MAX_HEAD_BYTES = 64 * 1024
@@ -282,8 +285,11 @@ class Channel(Protocol):
         except httptools.HttpParserUpgrade:
             self._reject(ApiError(400, "Protocol upgrades are not supported.", "invalid_request_error", "invalid_http"))
         except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _TooLarge):
-                raise
+            cause = e.__context__ or e
+            if not isinstance(cause, _TooLarge):  # a bug of ours, in a callback: log it, answer, close
+                log.failure("serving a request failed", Failure(cause))
+                self._reject(ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error"))
+                return
             self._reject(ApiError(
                 431, f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB or {MAX_HEADERS} fields.",
                 "invalid_request_error", "headers_too_large",
@@ -363,7 +369,19 @@ class Channel(Protocol):
 
     def _dispatch(self, request: V1Request) -> None:
         self._current = request
-        self.factory.handle(request)
+        try:
+            self.factory.handle(request)
+        except Exception:  # a bug of ours: log it, and answer rather than leave the client hanging
+            log.failure("serving {path} failed", path=request.path.decode("latin-1", "replace"))
+            if not request.startedWriting:
+                error = ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
+                request.setResponseCode(error.status)
+                request.setHeader(b"Content-Type", b"application/json")
+                request.keep_alive = False
+                request.write(error.to_bytes())
+                request.finish()
+            elif self.transport is not None:
+                self.transport.abortConnection()
 
     def request_done(self, request: V1Request) -> None:
         """Called by ``request`` once its response is written."""

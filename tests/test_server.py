@@ -267,3 +267,18 @@ async def test_one_keep_alive_connection_mixing_v1_and_the_console(start_proxy: 
     assert len(ports) == 1  # one connection throughout
     assert json.loads(results[0][1])["choices"][0]["message"]["content"] == json.loads(results[2][1])["choices"][0]["message"]["content"]
     assert json.loads(results[1][1])["status"] == "ok"
+
+
+def test_a_bug_while_serving_is_logged_and_answered_500(observe_errors: Any) -> None:
+    h = Harness()
+
+    def broken(request: V1Request) -> None:
+        raise ZeroDivisionError("a bug")
+
+    h.factory.handle = broken
+    h.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    [(status, headers, body)] = responses(h.output())
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert h.transport.disconnecting
+    assert len(observe_errors) == 1
+    observe_errors.clear()  # expected: the fixture fails tests on logged errors

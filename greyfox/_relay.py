@@ -110,9 +110,9 @@ class BodyPump(Protocol):
     def stopProducing(self) -> None:
         """Every client went away: abort the upstream at once.
 
-        ``done`` fails a tick later: twisted.web stops the producer before it
-        tells the request, and the route must learn the request is gone first or
-        it reports the cancellation as an error.
+        ``done`` fails a tick later: the client's transport stops the producer
+        before the request hears of the disconnection, and the request must
+        learn it is gone first or the cancellation is reported as an error.
         """
         self.abort(ClientGone(), fire=False)
         self.clock.callLater(0, self._fire_stop)
@@ -218,7 +218,7 @@ class Subscriber:
             else:
                 self.done.errback(failure)
 
-    # -- IPushProducer, called by twisted.web for this client --
+    # -- IPushProducer, called by the client's transport --
 
     def pauseProducing(self) -> None:
         if self.fanout is not None:
@@ -229,7 +229,7 @@ class Subscriber:
             self.fanout.resume(self)
 
     def stopProducing(self) -> None:
-        """The client hung up (twisted.web tells us before the route cancels ``done``)."""
+        """The client hung up (its transport tells us before ``serve_v1`` cancels ``done``)."""
         self._leave()
         self.clock.callLater(0, lambda: self.done.called or self.done.errback(Failure(ClientGone())))
 

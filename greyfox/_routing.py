@@ -10,7 +10,7 @@ import attr
 from ._config import Upstream
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the relay re-frames itself:
-# the HTTP client decodes gzip and de-chunks, twisted.web re-frames the response.
+# the upstream client decodes gzip and de-chunks, the server re-frames the response.
 HOP_BY_HOP = frozenset(
     {
         b"connection",

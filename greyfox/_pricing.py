@@ -49,6 +49,7 @@ class PriceTable:
             model: Price(float(r["input"]), float(r["output"]), None if r.get("cached_input") is None else float(r["cached_input"]))
             for model, r in rows.items()
         }
+        self._resolved: dict[str, Price | None] = {}  # model as asked -> its price (or None)
 
     @classmethod
     def shipped(cls, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> "PriceTable":
@@ -58,9 +59,15 @@ class PriceTable:
         return cls(merged, date)
 
     def lookup(self, model: str) -> Price | None:
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
         price = self._prices.get(model)
         if price is None:
             price = self._prices.get(_DATE_SUFFIX.sub("", model))
+        if len(self._resolved) < 4096:  # model names come from clients: bounded
+            self._resolved[model] = price
         return price
 
     def cost(self, model: str, usage: Usage) -> float | None:

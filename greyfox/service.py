@@ -172,6 +172,7 @@ class GreyFoxService(MultiService):
             self.quotas,
             encoding_for=self.encodings.for_model,
             on_settle=self._settled,
+            run_in_thread=lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args),
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),

@@ -290,3 +290,41 @@ async def test_restart_keeps_the_days_spend_and_put_takes_effect_at_once(start_p
         response = await http.put(again.url + "/api/quotas/alice", data=bad)
         assert response.code == 400, bad
         await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_prompt_is_counted_off_the_reactor_thread_and_still_enforced(start_proxy, http):
+    """tiktoken needs ~0.3 µs a token: an agent's 100k-token context counted on
+    the reactor would stall every other connection, so large bodies are counted
+    in a thread; the count still decides admission."""
+    import threading
+
+    from greyfox._tokens import estimate_prompt_tokens
+
+    words = " ".join(f"item{i}" for i in range(8000))  # ~50 KB
+    big = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": words}]}
+    proxy = await start_proxy(GREYFOX_DAILY_TOKENS="1000000")
+    await proxy.service.encodings.load()
+    prompt = estimate_prompt_tokens(proxy.service.encodings.for_model("gpt-4o-mini"), big)
+    assert prompt > 10_000
+    await proxy.stop()
+    proxy = await start_proxy(GREYFOX_DAILY_TOKENS=str(prompt))  # the prompt fits; with max_tokens it does not
+    await proxy.service.encodings.load()
+    threads: list[int] = []
+    run = proxy.service.proxy.run_in_thread
+
+    def spy(f: Any, *args: Any) -> Any:
+        def counted(*a: Any) -> Any:
+            threads.append(threading.get_ident())
+            return f(*a)
+        return run(counted, *args)
+
+    proxy.service.proxy.run_in_thread = spy
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", big, {"x-app-user-id": "agent"})
+    assert response.code == 429 and json.loads(body)["error"]["code"] == "daily_token_limit"
+    half = dict(big, messages=[{"role": "user", "content": words[: len(words) // 2]}])
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", half, {"x-app-user-id": "agent"})
+    assert response.code == 200
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(1), {"x-app-user-id": "other"})
+    assert response.code == 200 and len(threads) == 2  # small bodies are counted in place

@@ -233,10 +233,12 @@ class Proxy:
         return self._lead(call, request, None)
 
     def _lead(self, call: Call, request: IRequest, prompt: int | None) -> Deferred[bytes]:
+        """Admit the request and start its own upstream call."""
         self.admit(call, prompt)
         return self._ride(call, request, self.new_flight(call), leader=True)
 
     def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[bytes]:
+        """Answer this client from ``flight``; fires when its response is complete."""
         request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
         self.remaining_header(call, request)
         subscriber = flight.subscribe(request, call)

@@ -205,8 +205,8 @@ class Flight:
                 _feed_completion_text(self._counter, body)
         if leader.doc is None or self._counter is None or code >= 400:
             return
-        if meter is None and self._counter.total == 0:
-            return
+        if meter is None and self._counter.total == 0 and leader.subpath != b"/embeddings":
+            return  # nothing generated: no usage to estimate (an embedding's is all prompt)
         enc = self.proxy.encoding_for(leader.model or "")
         completion = self._counter.total + (meter.rough_tokens() if meter is not None else 0)
         self.usage = Usage(estimate_prompt_tokens(enc, leader.doc), completion)

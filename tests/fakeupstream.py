@@ -10,7 +10,8 @@ the model name:
 * ``stall-after-2``: streams two chunks, then goes silent (idle timeout);
 * ``big-N``: streams N MiB of SSE through a push producer that honours
   pause/resume, counting how often it was paused;
-* ``no-usage``: streams without ever sending usage (ignores stream_options);
+* ``no-usage``: streams without ever sending usage (ignores stream_options),
+  and answers embeddings without usage;
 * ``set-cookie``: answers normally but sets a cookie.
 """
 
@@ -162,7 +163,10 @@ class FakeUpstream(Resource):
         if path.endswith("/completions"):
             return self._completions(request, body, model, stream)
         if path.endswith("/embeddings"):
-            return self._json(request, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}], "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+            doc = {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}
+            if model != "no-usage":
+                doc["usage"] = {"prompt_tokens": 5, "total_tokens": 5}
+            return self._json(request, doc)
         if path.endswith("/responses"):
             return self._responses(request, model, stream)
         return self._json(request, {"echo": path, "method": request.method.decode(), "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}})

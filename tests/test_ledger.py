@@ -99,6 +99,17 @@ async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy,
 
 
 @pytest_twisted.ensureDeferred
+async def test_embeddings_without_usage_get_their_prompt_counted_locally(start_proxy, http):
+    proxy = await start_proxy()
+    await proxy.service.encodings.load()
+    await post_json(http, proxy.v1 + "/embeddings", {"model": "no-usage", "input": "hello there"})
+    [row] = await rows(http, proxy)
+    enc = proxy.service.encodings.for_model("no-usage")
+    assert row["usage_source"] == "estimated"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (len(enc.encode_ordinary("hello there")), 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_abort_records_the_tokens_seen_so_far(start_proxy, http):
     proxy = await start_proxy()
     await proxy.service.encodings.load()

@@ -12,6 +12,7 @@ rows and, for a complete ``200``, stores the answer in the cache.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -24,7 +25,7 @@ from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from ._routing import response_headers
 from ._tokens import IncrementalCounter, estimate_prompt_tokens
 from ._upstream import ResponseFailed
-from ._usage import StreamMeter, Usage, usage_from_body
+from ._usage import StreamMeter, Usage, usage_of
 
 if TYPE_CHECKING:
     from ._proxy import Call, Proxy
@@ -63,6 +64,7 @@ class Flight:
         self._to_settle: list["Call"] = []
         self._meter: StreamMeter | None = None
         self._content_type = ""
+        self._json_body = False  # whether a kept non-stream body parsed as JSON (see _take_usage)
         self._counter: IncrementalCounter | None = None
 
     @property
@@ -197,12 +199,14 @@ class Flight:
             meter.eager = True
         body = self.fanout.body() if self.fanout is not None and meter is None else None
         if body:
-            usage = usage_from_body(body)
+            doc = _json_of(body)  # parsed once, for the usage, the text and _store
+            self._json_body = doc is not _NOT_JSON
+            usage = usage_of(doc)
             if usage is not None:
                 self.usage, self.usage_source = usage, "upstream"
                 return
             if code < 400:
-                _feed_completion_text(self._counter, body)
+                _feed_completion_text(self._counter, doc)
         if leader.doc is None or self._counter is None or code >= 400:
             return
         if meter is None and self._counter.total == 0 and leader.subpath != b"/embeddings":
@@ -215,7 +219,7 @@ class Flight:
     def _store(self, content_type: str) -> None:
         assert self.fanout is not None and self.entry_id is not None
         body = self.fanout.body()
-        if body is None or self.usage is None and self._meter is None and not _parses_as_json(body):
+        if body is None or self.usage is None and self._meter is None and not self._json_body:
             return
         leader = self.leader
         scope, _, key = self.entry_id.partition(":")
@@ -282,24 +286,19 @@ class _Discard:
         pass
 
 
-def _parses_as_json(body: bytes) -> bool:
-    import json
+#: What :func:`_json_of` gives for a body that is not JSON (``None`` is JSON's null).
+_NOT_JSON = object()
 
+
+def _json_of(body: bytes) -> Any:
     try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _NOT_JSON
 
 
-def _feed_completion_text(counter: IncrementalCounter | None, body: bytes) -> None:
+def _feed_completion_text(counter: IncrementalCounter | None, doc: Any) -> None:
     """Count the generated text of a JSON answer that came without ``usage``."""
-    import json
-
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return
     choices = doc.get("choices") if isinstance(doc, dict) else None
     if not isinstance(choices, list) or counter is None:
         return

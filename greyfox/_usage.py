@@ -61,6 +61,11 @@ def usage_from_body(body: bytes) -> Usage | None:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
+    return usage_of(doc)
+
+
+def usage_of(doc: Any) -> Usage | None:
+    """The usage of a parsed JSON response (chat, completions, embeddings or responses), if it has one."""
     if not isinstance(doc, dict):
         return None
     if doc.get("object") == "response" or ("usage" not in doc and isinstance(doc.get("response"), dict)):

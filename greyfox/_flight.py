@@ -247,12 +247,7 @@ class Flight:
         """The stream is complete: finish every client's response now."""
         self._take_usage(self.response.code)
         self.answered = True
-        for sub, call in self.subscribers:
-            call.usage, call.usage_source = self.usage, self.usage_source
-            sub.end()
-        to_settle, self._to_settle = self._to_settle, []
-        for call in to_settle:
-            self.proxy.settle(call)
+        self._end_all(None, None)
 
     def _all_left(self) -> None:
         if self._pump is not None:
@@ -263,6 +258,10 @@ class Flight:
         self.ended = True
         self._failure = failure
         self.proxy.flight_ended(self)
+        self._end_all(failure, error)
+
+    def _end_all(self, failure: Failure | None, error: str | None) -> None:
+        """Give every call the usage and end its client, then settle the rows waiting for it."""
         for sub, call in self.subscribers:
             call.usage, call.usage_source = self.usage, self.usage_source
             if error and call.error is None and not sub.ended:

@@ -29,7 +29,6 @@ from ._errors import ApiError
 from ._metrics import CONTENT_TYPE, Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
-from ._server import V1Request
 
 log = Logger()
 
@@ -67,13 +66,10 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
     d = proxy.handle(request, subpath)
     proxy.in_flight.add(d)
 
-    def gone(failure: Any = None) -> None:
+    def gone(failure: Any) -> None:
         d.cancel()
 
-    if isinstance(request, V1Request):
-        request.when_gone = gone  # no Deferred per request for this
-    else:
-        request.notifyFinish().addErrback(gone)
+    request.notifyFinish().addErrback(gone)
 
     def respond(body: bytes) -> None:
         proxy.in_flight.discard(d)

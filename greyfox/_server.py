@@ -97,8 +97,6 @@ class V1Request:
         self._chunked = False
         self._producer: Any = None
         self._waiters: list[Deferred[None]] | None = None
-        #: Called once if the client goes away before the response is complete.
-        self.when_gone: Callable[[], None] | None = None
 
     # -- what the handler sets --
 
@@ -188,9 +186,6 @@ class V1Request:
         self.channel = None
         self._producer = None
         self._fire(reason)
-        when_gone, self.when_gone = self.when_gone, None
-        if when_gone is not None:
-            when_gone()
 
     def _fire(self, result: Failure | None) -> None:
         waiters, self._waiters = self._waiters, None

@@ -14,6 +14,8 @@ from typing import Any
 
 from twisted.web.server import Request, Site
 
+from ._server import is_v1
+
 
 class LimitedRequest(Request):
     """Keeps at most ``max_body`` bytes of a request body and drops the rest,
@@ -52,8 +54,7 @@ class QuietSite(Site):
 
     def getResourceFor(self, request: Any) -> Any:
         """``/v1`` goes straight to the proxy's resource, everything else through the tree."""
-        path = request.path
-        if self.v1 is not None and (path == b"/v1" or path.startswith(b"/v1/")):
+        if self.v1 is not None and is_v1(request.path):
             request.site = self
             request.sitepath = list(request.prepath)
             return self.v1

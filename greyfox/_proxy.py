@@ -464,17 +464,15 @@ class Proxy:
 
         timer = self.clock.callLater(self.settings.read_timeout, expire)
 
-        def arrived(response: Any) -> Any:
+        def stop_timer(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            return response
+            return result
 
         def failed(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
             return Failure(self._forward_error(failure.value, upstream.name, bool(timed_out)))
 
-        return d.addCallbacks(arrived, failed)
+        return d.addBoth(stop_timer).addErrback(failed)
 
     def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
         """What a client is told when its upstream call failed before the response headers."""

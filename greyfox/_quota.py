@@ -10,6 +10,7 @@ what a request really used beyond its reservation.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections import deque
 from datetime import date, datetime, time, timedelta
 from typing import Any, Iterable, Mapping
@@ -18,6 +19,8 @@ from zoneinfo import ZoneInfo
 import attr
 
 WINDOW = 60.0  # seconds of the per-minute limits
+#: The loop table is swept of expired conversations when it grows past this (then: twice its size after a sweep).
+LOOP_SWEEP_MIN = 4096
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -142,7 +145,11 @@ class Quotas:
         self._today = _Day(self.day_of(now))
         self._requests: dict[str, deque[float]] = {}
         self._tokens: dict[str, deque[list[float]]] = {}
-        self._loops: dict[tuple[str, str], deque[float]] = {}
+        # (user, fingerprint) -> times of its calls in the window, oldest first.
+        # Tuples of floats: the cycle collector stops tracking them, and a
+        # proxy remembers one per conversation seen in the window.
+        self._loops: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._sweep_at = LOOP_SWEEP_MIN
         self.breakers: dict[tuple[str, str], float] = {}  # (user, fingerprint) -> open until
 
     def load_day(self, used_today: Iterable[tuple[str, int, float]]) -> None:
@@ -202,7 +209,7 @@ class Quotas:
         """Check every limit, then reserve; raise :class:`Refused` naming the first that would break."""
         day = self._day(now)
         limits = self.limits_for(user)
-        self._check_loop(user, fingerprint, now)
+        calls = self._check_loop(user, fingerprint, now)
 
         requests = self._requests.setdefault(user, deque())
         _expire(requests, now)
@@ -220,9 +227,11 @@ class Quotas:
                     self.next_midnight(now) - now, limits.daily_tokens, max(0, left),
                 )
 
-        window = self._tokens.setdefault(user, deque())
-        _expire_pairs(window, now)
+        window = self._tokens.get(user)
+        if window is not None:
+            _expire_pairs(window, now)
         if limits.tpm:
+            window = window if window is not None else self._tokens.setdefault(user, deque())
             in_window = sum(entry[1] for entry in window)
             if in_window + tokens > limits.tpm:
                 retry = (window[0][0] + WINDOW - now) if window else WINDOW
@@ -242,32 +251,50 @@ class Quotas:
 
         # Every check passed: reserve against all of them at once.
         requests.append(now)
-        entry = [now, float(tokens)]
-        window.append(entry)
+        entry = None
+        if limits.tpm:  # (an override set later counts from then on)
+            entry = [now, float(tokens)]
+            window.append(entry)  # type: ignore[union-attr]
         day.reserved[user] = day.reserved.get(user, 0) + tokens
         day.reserved_usd += usd
         if fingerprint is not None and self.loop_max_repeats:
-            self._loops.setdefault((user, fingerprint), deque()).append(now)
+            self._loops[(user, fingerprint)] = calls + (now,)
+            if len(self._loops) > self._sweep_at:
+                self._sweep(now)
         return Reservation(user, day.day, tokens, usd, entry)
 
-    def _check_loop(self, user: str, fingerprint: str | None, now: float) -> None:
+    def _check_loop(self, user: str, fingerprint: str | None, now: float) -> tuple[float, ...]:
+        """The conversation's calls still in the window; raise when one more would be a loop."""
         if fingerprint is None or not self.loop_max_repeats:
-            return
+            return ()
         key = (user, fingerprint)
         until = self.breakers.get(key)
         if until is not None:
             if now < until:
                 raise Refused("runaway_loop", self._loop_message(user), until - now)
             del self.breakers[key]
-        calls = self._loops.get(key)
-        if calls is None:
-            return
-        while calls and calls[0] <= now - self.loop_window:
-            calls.popleft()
+        calls = self._loops.get(key, ())
+        if calls and calls[0] <= now - self.loop_window:
+            calls = calls[bisect_right(calls, now - self.loop_window):]
         if len(calls) + 1 > self.loop_max_repeats:
             self.breakers[key] = now + self.loop_window
-            calls.clear()
+            self._loops.pop(key, None)
             raise Refused("runaway_loop", self._loop_message(user), self.loop_window)
+        return calls
+
+    @property
+    def conversations(self) -> int:
+        """Conversations the loop breaker remembers (those seen in its window, and some not yet swept)."""
+        return len(self._loops)
+
+    def _sweep(self, now: float) -> None:
+        """Forget conversations and breakers the window has passed: without
+        this, every conversation ever seen stayed in memory.  Runs when the
+        table has doubled since the last sweep, so its cost per call is constant."""
+        cutoff = now - self.loop_window
+        self._loops = {k: calls for k, calls in self._loops.items() if calls[-1] > cutoff}
+        self.breakers = {k: until for k, until in self.breakers.items() if until > now}
+        self._sweep_at = max(LOOP_SWEEP_MIN, 2 * len(self._loops))
 
     def _loop_message(self, user: str) -> str:
         return (

@@ -127,6 +127,24 @@ def test_loop_breaker_trips_per_conversation_and_resets():
     q.admit("alice", 0, 0, loop, clock.seconds())
 
 
+def test_loop_breaker_window_slides_and_forgets_passed_conversations():
+    clock = Clock()
+    q = quotas(clock, repeats=3)
+    for _ in range(3):
+        q.admit("alice", 0, 0, "loop", clock.seconds())
+        clock.advance(250)
+    q.admit("alice", 0, 0, "loop", clock.seconds())  # the first call left the 600 s window
+    for i in range(10_000):  # a sweep of distinct conversations, then quiet
+        q.admit("ci", 0, 0, f"conversation {i}", clock.seconds())
+    clock.advance(601)
+    for i in range(10_000):
+        q.admit("ci", 0, 0, f"later {i}", clock.seconds())
+    assert q.conversations <= 10_000 + 4096  # the passed ones were forgotten, not kept forever
+    with pytest.raises(Refused):  # the breaker still counts what is in the window
+        for _ in range(4):
+            q.admit("ci", 0, 0, "later 1", clock.seconds())
+
+
 def test_overrides_and_duration_format():
     clock = Clock()
     q = quotas(clock, Limits(daily_tokens=10))

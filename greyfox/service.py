@@ -9,6 +9,7 @@ the pools.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -96,6 +97,7 @@ class Encodings:
             def loaded(encodings: dict[str, Any]) -> None:
                 self._loaded = encodings
                 self._by_model.clear()
+                gc.freeze()  # they live as long as the process: see GreyFoxService.startService
 
             def failed(f: Failure) -> None:
                 log.failure("could not load the tokenizers; token counts will be rough estimates", f)
@@ -200,6 +202,12 @@ class GreyFoxService(MultiService):
         warning = s.exposure_warning()
         if warning:
             log.warn("{warning}", warning=warning)
+        # What exists now (modules, settings, the cache index loaded from the
+        # database) lives as long as the process: freeze it, so that the
+        # collector's full passes, which stop every connection, do not walk it
+        # again (they took 30-55 ms each under load; bench/README.md).
+        gc.collect()
+        gc.freeze()
         super().startService()
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request

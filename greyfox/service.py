@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from ._api import Api
 from ._cache import Cache
+from ._collector import FullCollections
 from ._app import GreyFoxApp, serve_v1
 from ._config import Settings
 from ._http import QuietSite, no_delay_listening
@@ -187,6 +188,7 @@ class GreyFoxService(MultiService):
                                     settings.max_body_bytes, reactor)
         self.listener = _Listener(reactor, settings.listen, self.server)
         self.listener.setServiceParent(self)
+        FullCollections(reactor).setServiceParent(self)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)

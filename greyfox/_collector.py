@@ -1,0 +1,69 @@
+# -*- test-case-name: tests.test_collector -*-
+"""When CPython's cycle collector makes its full passes: once a minute, from the reactor.
+
+A full pass walks every container object the process holds, and the cache
+index (two objects per stored answer) grows with use: under load, passes of
+30-60 ms came every few seconds (CPython starts one whenever long-lived
+objects grew by a quarter), and every connection waited through each.  They
+were most of the relay's p99 at concurrency 16 (bench/README.md).
+
+So the automatic full pass is turned off; the young generations still
+collect as usual, and a full pass runs at most once a minute, between
+reactor events, when anything reached the old generation since the last.
+Cyclic garbage that got that far (closed connections, mostly) waits a
+minute at most.  The same idea as Synapse's ``_gc`` module, for one
+generation only.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+
+#: Seconds between full collections.
+FULL_PASS_INTERVAL = 60.0
+#: A third threshold CPython never reaches: no automatic full passes.
+_NEVER = 1 << 30
+
+
+# The thresholds are the process's: the first running instance saves them,
+# the last one to stop puts them back (tests run several at once).
+_running = 0
+_saved = gc.get_threshold()
+
+
+class FullCollections(Service):
+    """Full passes on a timer while running; CPython's own rule again when stopped."""
+
+    def __init__(self, clock: Any, interval: float = FULL_PASS_INTERVAL) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        global _running, _saved
+        super().startService()
+        if _running == 0:
+            _saved = gc.get_threshold()
+            gc.set_threshold(_saved[0], _saved[1], _NEVER)
+        _running += 1
+        self._loop = LoopingCall(self.collect)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        global _running
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            _running -= 1
+            if _running == 0:
+                gc.set_threshold(*_saved)
+
+    def collect(self) -> None:
+        """A full pass, if the middle generation was collected since the last one."""
+        if gc.get_count()[2] > 0:
+            gc.collect(2)

@@ -47,6 +47,9 @@ request = function()
     '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"bench ' .. run .. ' ' .. n .. '"}]}')
 end
 """
+#: Model time of the fake upstream in the "model-like" scenario (bench/upstream.py ``think-N``).
+THINK_MS = 20
+THINK_LUA = UNIQUE_LUA.replace('"gpt-4o-mini"', f'"think-{THINK_MS}"')
 FIXED_BODY = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"the same prompt"}]}'
 FIXED_LUA = r"""
 wrk.method = "POST"
@@ -317,6 +320,21 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
             rows.append([f"relay, cache miss, c={c}", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                          f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                          f"{cpu_ms:.3f} ms"])
+
+        # Added latency as clients see it with a model that takes its time: the
+        # same 16 clients, an upstream answering in THINK_MS, the proxy far
+        # from saturated (at c=16 above, each request waits behind 15 others).
+        think = os.path.join(workdir, "think.lua")
+        with open(think, "w") as f_:
+            f_.write(THINK_LUA)
+        d = wrk(direct, 16, secs, think)
+        cpu0 = proc_cpu(gf.proc.pid)
+        p = wrk(proxied, 16, secs, think)
+        cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+        figures["relay_think_c16"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
+        rows.append([f"relay, c=16, upstream answering in {THINK_MS} ms", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
+                     f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
+                     f"{cpu_ms:.3f} ms"])
 
         # The floor: the same relay with no GreyFox code (bench/floor.py), right after.
         floor_port = free_port()

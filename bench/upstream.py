@@ -8,7 +8,12 @@ from canned bytes:
   in one write;
 * model ``paced``: the same stream, but the first chunk alone and the rest
   5 ms later, as a model sends its first token before the others;
-* model ``big-N``: an SSE stream of N MiB, written as fast as the reader takes it.
+* model ``big-N``: an SSE stream of N MiB, written as fast as the reader takes it;
+* model ``think-N``: the chat completion after N ms on average (uniformly N/2
+  to 3N/2), as a model takes its time, so that concurrent clients do not
+  saturate the proxy.  The time varies as a model's does: with a fixed one,
+  clients stay in lockstep and every answer arrives in a burst with all the
+  others.
 
 Usage: ``python bench/upstream.py PORT``.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 
 CHAT = json.dumps({
@@ -70,6 +76,10 @@ class Upstream(asyncio.Protocol):
             self.answer(body, close=b"connection: close" in head)
 
     def answer(self, body: bytes, close: bool) -> None:
+        if b'"model":"think-' in body:
+            ms = int(body.split(b'"model":"think-')[1].split(b'"')[0])
+            asyncio.get_running_loop().call_later(ms * random.uniform(0.5, 1.5) / 1000, self._later, JSON_RESPONSE, close)
+            return
         if b'"stream":true' not in body.replace(b" ", b""):
             self.transport.write(JSON_RESPONSE)
         elif b'"model":"big-' in body.replace(b" ", b""):

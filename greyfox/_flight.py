@@ -187,6 +187,10 @@ class Flight:
         request.setResponseCode(response.code)
         for name, values in response_headers(response.headers.getAllRawHeaders()):
             request.responseHeaders.setRawHeaders(name, values)
+        if self._meter is None:  # relayed byte for byte: the upstream's length holds (none after gzip)
+            length = response.headers.first(b"content-length")
+            if length is not None:
+                request.setHeader(b"Content-Length", length)
 
     def _take_usage(self, code: int) -> None:
         """The upstream's usage if it sent one; otherwise our own count."""

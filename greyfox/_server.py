@@ -95,6 +95,7 @@ class V1Request:
         self.startedWriting = False
         self.finished = False
         self._chunked = False
+        self._unsent: int | None = None  # body bytes still owed to a declared Content-Length
         self._producer: Any = None
         self._waiters: list[Deferred[None]] | None = None
 
@@ -122,6 +123,8 @@ class V1Request:
         if self._chunked:
             channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
+            if self._unsent is not None:
+                self._unsent -= len(data)
             channel.transport.write(data)
 
     def finish(self) -> None:
@@ -134,6 +137,10 @@ class V1Request:
             self._write_head(channel)
         elif self._chunked:
             channel.transport.write(b"0\r\n\r\n")
+        elif self._unsent:
+            # Shorter than its Content-Length (the upstream broke off): close,
+            # so that the client sees a truncated response rather than waiting.
+            self.keep_alive = False
         self.finished = True
         if self._producer is not None:
             self.unregisterProducer()
@@ -143,8 +150,15 @@ class V1Request:
     def _write_head(self, channel: "Channel") -> None:
         self.startedWriting = True
         headers = self.responseHeaders
-        lines = [status_line(self.code), b"Date: ", channel.factory.date(), b"\r\n", encode_fields(headers.getAllRawHeaders())]
-        if not headers.hasHeader(b"content-length") and self.method != b"HEAD" and self.code not in (204, 304):
+        lines = [status_line(self.code)]
+        if not headers.hasHeader(b"date"):  # a relayed answer keeps the upstream's
+            lines += (b"Date: ", channel.factory.date(), b"\r\n")
+        lines.append(encode_fields(headers.getAllRawHeaders()))
+        length = headers.first(b"content-length")
+        if length is not None:
+            if self.method != b"HEAD" and length.isdigit():
+                self._unsent = int(length)
+        elif self.method != b"HEAD" and self.code not in (204, 304):
             if self.clientproto == b"HTTP/1.1":
                 self._chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")

@@ -12,7 +12,8 @@ the model name:
   pause/resume, counting how often it was paused;
 * ``no-usage``: streams without ever sending usage (ignores stream_options),
   and answers embeddings without usage;
-* ``set-cookie``: answers normally but sets a cookie.
+* ``set-cookie``: answers normally but sets a cookie;
+* ``truncate``: a JSON answer that breaks off before its Content-Length.
 """
 
 from __future__ import annotations
@@ -154,6 +155,12 @@ class FakeUpstream(Resource):
             request.setResponseCode(status)
             return self._json(request, {"error": {"message": f"fake failure {status}", "type": "server_error", "code": None, "param": None}}, code=status)
         if model == "hang":
+            return NOT_DONE_YET
+        if model == "truncate":
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"1000")
+            request.write(b'{"id": "chatcmpl-cut", "choices": [')
+            global_reactor.callLater(0.05, request.channel.transport.loseConnection)
             return NOT_DONE_YET
         if model == "set-cookie":
             request.addCookie(b"session", b"upstream-secret", path=b"/")

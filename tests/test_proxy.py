@@ -233,6 +233,25 @@ async def test_upstream_dropping_mid_stream_ends_the_client_stream(start_proxy, 
     assert b"[DONE]" not in body
 
 
+@pytest_twisted.ensureDeferred
+async def test_json_answers_keep_their_length_and_a_cut_one_is_not_passed_off_as_complete(start_proxy, http):
+    proxy = await start_proxy()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.length == len(body)  # framed by Content-Length (twisted.web.client keeps it here), not chunked
+    assert len(response.headers.getRawHeaders(b"date")) == 1  # the upstream's; not a second one of ours
+    response = await http.post(proxy.v1 + "/chat/completions", data=json.dumps(dict(CHAT, model="truncate")).encode(),
+                               headers={b"content-type": [b"application/json"]})
+    assert response.code == 200
+    try:
+        await response.content()
+    except Exception as e:  # the connection closed short of the declared length
+        assert "ResponseFailed" in type(e).__name__ or "PotentialDataLoss" in repr(e), e
+    else:
+        raise AssertionError("a truncated answer reached the client as a complete one")
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and the proxy serves on
+    assert response.code == 200
+
+
 # -- streaming mechanics --
 
 

@@ -8,23 +8,29 @@ objects grew by a quarter), and every connection waited through each.  They
 were most of the relay's p99 at concurrency 16 (bench/README.md).
 
 So the automatic full pass is turned off; the young generations still
-collect as usual, and a full pass runs at most once a minute, between
-reactor events, when anything reached the old generation since the last.
-Cyclic garbage that got that far (closed connections, mostly) waits a
-minute at most.  The same idea as Synapse's ``_gc`` module, for one
-generation only.
+collect as usual.  A full pass runs from the reactor, between events, when
+anything reached the old generation since the last one, at most once a
+minute, and when no request is in flight (a pause then delays nobody); under
+unbroken load, every ten minutes regardless.  Cyclic garbage that got that
+far (closed connections, mostly) waits that long at most.  The idea of
+Synapse's ``_gc`` module (collections timed by the reactor), for the old
+generation only, with the "out of band" twist of collecting when idle.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
-#: Seconds between full collections.
+#: Seconds between full collections, at least ...
 FULL_PASS_INTERVAL = 60.0
+#: ... and at most, while requests keep the proxy busy.
+FULL_PASS_MAX_WAIT = 600.0
+#: How often the collector looks for a moment to run one.
+CHECK_EVERY = 5.0
 #: A third threshold CPython never reaches: no automatic full passes.
 _NEVER = 1 << 30
 
@@ -38,9 +44,11 @@ _saved = gc.get_threshold()
 class FullCollections(Service):
     """Full passes on a timer while running; CPython's own rule again when stopped."""
 
-    def __init__(self, clock: Any, interval: float = FULL_PASS_INTERVAL) -> None:
+    def __init__(self, clock: Any, busy: Callable[[], bool] = lambda: False) -> None:
+        """:param busy: whether requests are in flight now."""
         self.clock = clock
-        self.interval = interval
+        self.busy = busy
+        self._last = 0.0
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -50,9 +58,10 @@ class FullCollections(Service):
             _saved = gc.get_threshold()
             gc.set_threshold(_saved[0], _saved[1], _NEVER)
         _running += 1
+        self._last = self.clock.seconds()
         self._loop = LoopingCall(self.collect)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self._loop.start(CHECK_EVERY, now=False)
 
     def stopService(self) -> None:
         global _running
@@ -64,6 +73,10 @@ class FullCollections(Service):
                 gc.set_threshold(*_saved)
 
     def collect(self) -> None:
-        """A full pass, if the middle generation was collected since the last one."""
-        if gc.get_count()[2] > 0:
+        """A full pass, if one is due and this is a good moment."""
+        since = self.clock.seconds() - self._last
+        if since < FULL_PASS_INTERVAL or (self.busy() and since < FULL_PASS_MAX_WAIT):
+            return
+        self._last = self.clock.seconds()
+        if gc.get_count()[2] > 0:  # the middle generation was collected since the last pass
             gc.collect(2)

@@ -188,7 +188,7 @@ class GreyFoxService(MultiService):
                                     settings.max_body_bytes, reactor)
         self.listener = _Listener(reactor, settings.listen, self.server)
         self.listener.setServiceParent(self)
-        FullCollections(reactor).setServiceParent(self)
+        FullCollections(reactor, busy=lambda: bool(self.proxy.in_flight)).setServiceParent(self)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)

@@ -122,6 +122,27 @@ async def test_requests_reuse_one_connection(serve: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_chunks_that_arrive_in_one_read_are_delivered_together(serve: Any) -> None:
+    events = [b"data: %d\n\n" % i for i in range(40)]
+
+    def script(server: Server, request: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+
+    start, client = serve
+    _, base = start(script)
+    response = await client.request(b"POST", base + b"/v1/x", [], b"{}")
+    pieces: list[bytes] = []
+    collect = Collect()
+    collect.dataReceived = pieces.append  # type: ignore[method-assign]
+    response.deliverBody(collect)
+    [ending] = await collect.ended
+    assert ending.check(ResponseDone)
+    assert b"".join(pieces) == b"".join(events)
+    assert len(pieces) < 5  # one read (or a few, as TCP splits it), not one pass per chunk
+
+
+@pytest_twisted.ensureDeferred
 async def test_gzip_answers_are_decoded(serve: Any) -> None:
     start, client = serve
     packed = gzip.compress(b'{"usage":{}}')

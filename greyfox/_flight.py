@@ -13,7 +13,7 @@ rows and, for a complete ``200``, stores the answer in the cache.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -23,7 +23,7 @@ from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from ._routing import response_headers
-from ._tokens import IncrementalCounter, estimate_prompt_tokens
+from ._tokens import THREADED_COUNT_BYTES, IncrementalCounter, estimate_prompt_tokens
 from ._upstream import ResponseFailed
 from ._usage import StreamMeter, Usage, usage_of
 
@@ -62,6 +62,7 @@ class Flight:
         self._forwarding: Deferred[Any] | None = None
         self._pump: BodyPump | None = None
         self._to_settle: list["Call"] = []
+        self._counting: Deferred[None] | None = None  # our own count of a long answer, in a thread
         self._meter: StreamMeter | None = None
         self._content_type = ""
         self._json_body = False  # whether a kept non-stream body parsed as JSON (see _take_usage)
@@ -100,7 +101,8 @@ class Flight:
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
-        if self.ended or self.answered:
+        if (self.ended or self.answered) and self._counting is None:
+            call.usage, call.usage_source = self.usage, self.usage_source
             self.proxy.settle(call)
         else:
             self._to_settle.append(call)
@@ -170,7 +172,7 @@ class Flight:
             self._take_usage(code)
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
-            self._store(self._content_type)
+            self._after_count(lambda: self._store(self._content_type))
         self._finish(None, error)
 
     def _crashed(self, failure: Failure) -> None:
@@ -193,14 +195,22 @@ class Flight:
                 request.setHeader(b"Content-Length", length)
 
     def _take_usage(self, code: int) -> None:
-        """The upstream's usage if it sent one; otherwise our own count."""
+        """The upstream's usage if it sent one; otherwise our own count.
+
+        Counting a long answer's text takes tens of ms (tiktoken, ~0.3 µs a
+        token): past ``THREADED_COUNT_BYTES`` it runs in the reactor's thread
+        pool (``_counting``), clients are answered meanwhile, and the ledger
+        rows and the cache entry wait for it.
+        """
         meter, leader = self._meter, self.leader
         if meter is not None and meter.usage is not None:
             self.usage, self.usage_source = meter.usage, "upstream"
             return
+        raws: list[bytes] = []
         if meter is not None and not meter.eager and not meter.blind and self.fanout is not None:
-            meter.catch_up(raw for raw, _ in self.fanout.kept)  # no usage came: count the text now
-            meter.eager = True
+            raws = [raw for raw, _ in self.fanout.kept]  # no usage came: count the text of what was kept
+            meter.eager = True  # and of what still comes, as it comes
+        doc = None
         body = self.fanout.body() if self.fanout is not None and meter is None else None
         if body:
             doc = _json_of(body)  # parsed once, for the usage, the text and _store
@@ -209,16 +219,46 @@ class Flight:
             if usage is not None:
                 self.usage, self.usage_source = usage, "upstream"
                 return
-            if code < 400:
-                _feed_completion_text(self._counter, doc)
         if leader.doc is None or self._counter is None or code >= 400:
             return
-        if meter is None and self._counter.total == 0 and leader.subpath != b"/embeddings":
-            return  # nothing generated: no usage to estimate (an embedding's is all prompt)
         enc = self.proxy.encoding_for(leader.model or "")
-        completion = self._counter.total + (meter.rough_tokens() if meter is not None else 0)
-        self.usage = Usage(estimate_prompt_tokens(enc, leader.doc), completion)
+        prompt = leader.prompt_estimate  # counted for admission already, when limits needed it
+        job = (enc, raws, doc, leader.doc if prompt is None else None)
+        size = sum(map(len, raws)) + len(body or b"") + (len(leader.body) if prompt is None else 0)
+        if enc is None or size <= THREADED_COUNT_BYTES:
+            self._counted(count_answer(*job), prompt)
+            return
+        counting = self._counting = self.proxy.run_in_thread(count_answer, *job)
+
+        def counted(counts: tuple[int, int | None]) -> None:
+            self._counting = None
+            self._counted(counts, prompt)
+
+        counting.addCallback(counted).addErrback(self._count_failed)
+
+    def _counted(self, counts: tuple[int, int | None], prompt: int | None) -> None:
+        text_tokens, counted_prompt = counts
+        meter = self._meter
+        if meter is None and text_tokens == 0 and self.leader.subpath != b"/embeddings":
+            return  # nothing generated: no usage to estimate (an embedding's is all prompt)
+        assert self._counter is not None
+        completion = text_tokens + self._counter.total + (meter.rough_tokens() if meter is not None else 0)
+        self.usage = Usage(prompt if prompt is not None else counted_prompt or 0, completion)
         self.usage_source = "estimated"
+
+    def _count_failed(self, failure: Failure) -> None:
+        self._counting = None
+        log.failure("request {id}: counting the answer failed; recorded without usage", failure, id=self.leader.id)
+
+    def _after_count(self, f: Callable[[], None]) -> None:
+        """Run ``f`` now, or once our own count of the answer is done."""
+        if self._counting is None:
+            f()
+        else:
+            self._counting.addCallback(lambda _: f()).addErrback(self._crashed_late)
+
+    def _crashed_late(self, failure: Failure) -> None:
+        log.failure("request {id}: settling failed", failure, id=self.leader.id)
 
     def _store(self, content_type: str) -> None:
         assert self.fanout is not None and self.entry_id is not None
@@ -263,14 +303,28 @@ class Flight:
         self._failure = failure
         self.proxy.flight_ended(self)
         self._end_all(failure, error)
-        self._release()
+        self._after_count(self._release)
+
+    def _end_all(self, failure: Failure | None, error: str | None) -> None:
+        """End every client; settle the rows waiting for the usage (once it is counted)."""
+        for sub, call in self.subscribers:
+            if error and call.error is None and not sub.ended:
+                call.error = error
+            sub.end(failure)
+        self._after_count(self._settle_waiting)
+
+    def _settle_waiting(self) -> None:
+        to_settle, self._to_settle = self._to_settle, []
+        for call in to_settle:
+            call.usage, call.usage_source = self.usage, self.usage_source
+            self.proxy.settle(call)
 
     def _release(self) -> None:
         """Drop the references that tie the flight, its calls and its clients
         in a circle, so that each request's objects are freed as soon as it
-        ends rather than by the garbage collector (which cost about a third of
-        the CPU of a relayed request; bench/README.md).  Every row is settled
-        by now and the flight takes no new subscribers."""
+        ends rather than by the cycle collector (whose passes over them cost
+        a relayed request ~10 % of its CPU; bench/README.md).  Every row is
+        settled by now and the flight takes no new subscribers."""
         for sub, call in self.subscribers:
             sub.on_leave = _ignore
             sub.fanout = None
@@ -281,17 +335,6 @@ class Flight:
             fanout.on_complete = fanout.on_empty = _nothing
             fanout.subscribers = []
         self._counter = None
-
-    def _end_all(self, failure: Failure | None, error: str | None) -> None:
-        """Give every call the usage and end its client, then settle the rows waiting for it."""
-        for sub, call in self.subscribers:
-            call.usage, call.usage_source = self.usage, self.usage_source
-            if error and call.error is None and not sub.ended:
-                call.error = error
-            sub.end(failure)
-        to_settle, self._to_settle = self._to_settle, []
-        for call in to_settle:
-            self.proxy.settle(call)
 
 
 def _ignore(sub: Subscriber) -> None:
@@ -324,6 +367,21 @@ def _json_of(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return _NOT_JSON
+
+
+def count_answer(enc: Any, raws: list[bytes], doc: Any, prompt_doc: dict[str, Any] | None) -> tuple[int, int | None]:
+    """Our own count of an answer that came without usage: (tokens of the
+    generated text, tokens of the prompt or ``None`` when not asked).
+
+    ``raws``: a stream's events; ``doc``: a parsed JSON answer.  Pure, on
+    fresh objects, so that it can run in a thread.
+    """
+    counter = IncrementalCounter(enc)
+    if raws:
+        StreamMeter(counter).catch_up(raws)
+    if doc is not None:
+        _feed_completion_text(counter, doc)
+    return counter.total, (estimate_prompt_tokens(enc, prompt_doc) if prompt_doc is not None else None)
 
 
 def _feed_completion_text(counter: IncrementalCounter | None, doc: Any) -> None:

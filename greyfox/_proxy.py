@@ -31,7 +31,7 @@ from ._flight import Flight
 from ._routing import Route, bearer, request_headers, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
-from ._tokens import estimate_prompt_tokens
+from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._upstream import ResponseFailed, ResponseNeverReceived
 from ._usage import Usage
 
@@ -42,10 +42,6 @@ JSON_ENDPOINTS = frozenset({b"/chat/completions", b"/completions", b"/embeddings
 #: Streams for which GreyFox asks the upstream for a usage chunk.
 USAGE_CHUNK_ENDPOINTS = frozenset({b"/chat/completions", b"/completions"})
 MAX_USER_ID = 128
-#: Request bodies larger than this have their prompt counted in a thread:
-#: tiktoken takes about 0.3 µs a token, so a 100k-token agent context counted
-#: here would hold every other connection for ~30 ms.  (It releases the GIL.)
-THREADED_COUNT_BYTES = 16 * 1024
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -80,6 +76,7 @@ class Call:
     replay: bool = False
     flight: Any = None
     reservation: Reservation | None = None
+    prompt_estimate: int | None = None  # our count of the prompt, when admission needed one
 
     @property
     def endpoint(self) -> str:
@@ -419,6 +416,7 @@ class Proxy:
             if quotas.counts_tokens(user):
                 if prompt is None:
                     prompt = estimate_prompt_tokens(self.encoding_for(call.model or ""), doc)
+                call.prompt_estimate = prompt
                 completion = _max_output(doc, call.subpath, self.settings.default_max_tokens)
                 tokens = prompt + completion
                 usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0

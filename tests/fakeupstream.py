@@ -12,6 +12,8 @@ the model name:
   pause/resume, counting how often it was paused;
 * ``no-usage``: streams without ever sending usage (ignores stream_options),
   and answers embeddings without usage;
+* ``no-usage-long``: no usage either, and the reply is ``LONG_REPLY`` (about
+  40 KB): as JSON, or as a stream written at once;
 * ``set-cookie``: answers normally but sets a cookie;
 * ``truncate``: a JSON answer that breaks off before its Content-Length.
 """
@@ -31,6 +33,8 @@ from zope.interface import implementer
 
 REPLY = "Hello from the fake upstream, streamed in small pieces."
 REPLY_PIECES = ["Hello", " from", " the", " fake", " upstream", ",", " streamed", " in", " small", " pieces", "."]
+LONG_PIECES = [f" word{i}" for i in range(6000)]
+LONG_REPLY = "".join(LONG_PIECES)
 PROMPT_TOKENS = 13
 COMPLETION_TOKENS = 11
 CACHED_TOKENS = 4
@@ -192,6 +196,8 @@ class FakeUpstream(Resource):
     # -- chat --
 
     def _chat(self, request: Any, body: dict[str, Any], model: str, stream: bool) -> Any:
+        if model == "no-usage-long":
+            return self._long(request, model, stream)
         if not stream:
             return self._json(request, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
@@ -219,6 +225,18 @@ class FakeUpstream(Resource):
                            "choices": [], "usage": _usage()})
         self._stream(request, [sse(e) for e in events] + [sse(b"[DONE]")], model)
         return NOT_DONE_YET
+
+    def _long(self, request: Any, model: str, stream: bool) -> Any:
+        if not stream:
+            return self._json(request, {
+                "id": "chatcmpl-long", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": LONG_REPLY}, "finish_reason": "stop"}],
+            })
+        request.setHeader(b"content-type", b"text/event-stream")
+        chunks = [sse({"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1, "model": model,
+                       "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                  for piece in LONG_PIECES]
+        return b"".join(chunks) + sse(b"[DONE]")
 
     def _stream(self, request: Any, chunks: list[bytes], model: str) -> None:
         """Write chunks 10 ms apart, so they travel as separate reads."""

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, fail
 
 from . import fakeupstream
-from .conftest import eventually, post_json
+from .conftest import eventually, post_json, sleep
 from .test_proxy import CHAT, hang_up_after
 
 P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
@@ -96,6 +96,43 @@ async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy,
     assert row["usage_source"] == "estimated"
     assert row["completion_tokens"] == len(enc.encode_ordinary(fakeupstream.REPLY))
     assert row["prompt_tokens"] == 3 + len(enc.encode_ordinary("Say hello")) + 3
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_long_answer_without_usage_is_counted_off_the_reactor_thread(start_proxy, http, stream):
+    """Counting 40 KB of generated text takes milliseconds of tiktoken: it runs
+    in a thread, the client is answered meanwhile, and the row gets the count."""
+    import threading
+
+    proxy = await start_proxy()
+    await proxy.service.encodings.load()
+    threads: list[int] = []
+    run = proxy.service.proxy.run_in_thread
+
+    def spy(f, *args):
+        def counting(*a):
+            threads.append(threading.get_ident())
+            return f(*a)
+        return run(counting, *args)
+
+    proxy.service.proxy.run_in_thread = spy
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage-long", stream=stream))
+    assert response.code == 200
+    assert (b"word5999" in body) and (b"[DONE]" in body) == stream
+    got: list[Any] = []
+    for _ in range(100):  # the row is queued once the count is done
+        got = await rows(http, proxy)
+        if got:
+            break
+        await sleep(0.05)
+    [row] = got
+    assert len(threads) == 1
+    enc = proxy.service.encodings.for_model("no-usage-long")
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == len(enc.encode_ordinary(fakeupstream.LONG_REPLY))
+    assert row["prompt_tokens"] == 3 + len(enc.encode_ordinary("Say hello")) + 3
+    assert threading.get_ident() not in threads
 
 
 @pytest_twisted.ensureDeferred

@@ -128,7 +128,10 @@ class Flight:
         self._content_type = content_type.decode("latin-1")
         self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
         if content_type.startswith(b"text/event-stream"):
-            self._meter = StreamMeter(self._counter, expect_usage=leader.asks_for_usage)
+            # A Responses stream always ends with its usage (response.completed):
+            # past what is kept, the meter need not count its text on the way.
+            expect = leader.asks_for_usage or leader.subpath == b"/responses"
+            self._meter = StreamMeter(self._counter, expect_usage=expect)
             keep = MAX_STREAM_KEEP
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_collector -*-
-"""When CPython's cycle collector makes its full passes: once a minute, from the reactor.
+"""When CPython's cycle collector makes its full passes: from the reactor, when no request waits.
 
 A full pass walks every container object the process holds, and the cache
 index (two objects per stored answer) grows with use: under load, passes of

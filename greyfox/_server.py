@@ -156,7 +156,7 @@ class V1Request:
         lines.append(encode_fields(headers.getAllRawHeaders()))
         length = headers.first(b"content-length")
         if length is not None:
-            if self.method != b"HEAD" and length.isdigit():
+            if self.method != b"HEAD" and self.code not in (204, 304) and length.isdigit():
                 self._unsent = int(length)
         elif self.method != b"HEAD" and self.code not in (204, 304):
             if self.clientproto == b"HTTP/1.1":

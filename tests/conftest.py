@@ -142,3 +142,21 @@ def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
     from twisted.internet.threads import deferToThread
 
     return deferToThread(fn, *args, **kwargs)
+
+
+def threads_counting(running: Running) -> list[int]:
+    """Spy on the proxy's ``run_in_thread``: the ids of the threads its work ran in, in order."""
+    import threading
+
+    threads: list[int] = []
+    run = running.service.proxy.run_in_thread
+
+    def spy(f: Any, *args: Any) -> Any:
+        def counting(*a: Any) -> Any:
+            threads.append(threading.get_ident())
+            return f(*a)
+
+        return run(counting, *args)
+
+    running.service.proxy.run_in_thread = spy
+    return threads

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, fail
 
 from . import fakeupstream
-from .conftest import eventually, post_json, sleep
+from .conftest import eventually, post_json, sleep, threads_counting
 from .test_proxy import CHAT, hang_up_after
 
 P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
@@ -107,16 +107,7 @@ async def test_a_long_answer_without_usage_is_counted_off_the_reactor_thread(sta
 
     proxy = await start_proxy()
     await proxy.service.encodings.load()
-    threads: list[int] = []
-    run = proxy.service.proxy.run_in_thread
-
-    def spy(f, *args):
-        def counting(*a):
-            threads.append(threading.get_ident())
-            return f(*a)
-        return run(counting, *args)
-
-    proxy.service.proxy.run_in_thread = spy
+    threads = threads_counting(proxy)
     response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage-long", stream=stream))
     assert response.code == 200
     assert (b"word5999" in body) and (b"[DONE]" in body) == stream

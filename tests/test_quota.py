@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from greyfox._quota import Limits, Overrides, Quotas, Refused, conversation_fingerprint, duration
 
 from . import fakeupstream
-from .conftest import eventually, in_thread, post_json
+from .conftest import eventually, in_thread, post_json, threads_counting
 from .test_ledger import get_json, rows
 from .test_proxy import _wait, hang_up_after
 
@@ -328,16 +328,7 @@ async def test_a_large_prompt_is_counted_off_the_reactor_thread_and_still_enforc
     await proxy.stop()
     proxy = await start_proxy(GREYFOX_DAILY_TOKENS=str(prompt))  # the prompt fits; with max_tokens it does not
     await proxy.service.encodings.load()
-    threads: list[int] = []
-    run = proxy.service.proxy.run_in_thread
-
-    def spy(f: Any, *args: Any) -> Any:
-        def counted(*a: Any) -> Any:
-            threads.append(threading.get_ident())
-            return f(*a)
-        return run(counted, *args)
-
-    proxy.service.proxy.run_in_thread = spy
+    threads = threads_counting(proxy)
     response, body = await post_json(http, proxy.v1 + "/chat/completions", big, {"x-app-user-id": "agent"})
     assert response.code == 429 and json.loads(body)["error"]["code"] == "daily_token_limit"
     half = dict(big, messages=[{"role": "user", "content": words[: len(words) // 2]}])

@@ -92,6 +92,16 @@ def ok(body: bytes, extra: bytes = b"") -> Script:
     return script
 
 
+def then_close(answer: bytes) -> Script:
+    """Write ``answer`` as it stands, then close the connection."""
+
+    def script(server: Server, request: bytes) -> None:
+        server.transport.write(answer)
+        server.transport.loseConnection()
+
+    return script
+
+
 async def fetch(client: UpstreamClient, url: bytes, method: bytes = b"POST", body: bytes | None = b"{}") -> tuple[Any, Collect, Failure]:
     response = await client.request(method, url, [(b"Content-Type", [b"application/json"])], body)
     collect = Collect()
@@ -154,12 +164,8 @@ async def test_gzip_answers_are_decoded(serve: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_body_until_close_is_complete_and_not_reused(serve: Any) -> None:
-    def script(server: Server, request: bytes) -> None:
-        server.transport.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")
-        server.transport.loseConnection()
-
     start, client = serve
-    factory, base = start(script)
+    factory, base = start(then_close(b"HTTP/1.1 200 OK\r\n\r\nall of it"))
     _, body, ending = await fetch(client, base + b"/v1/x")
     assert body.data == b"all of it" and ending.check(PotentialDataLoss)
     await fetch(client, base + b"/v1/x")
@@ -168,12 +174,8 @@ async def test_body_until_close_is_complete_and_not_reused(serve: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_dropped_body_fails(serve: Any) -> None:
-    def script(server: Server, request: bytes) -> None:
-        server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        server.transport.loseConnection()
-
     start, client = serve
-    _, base = start(script)
+    _, base = start(then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"))
     _, body, ending = await fetch(client, base + b"/v1/x")
     assert body.data == b"only part" and ending.check(ResponseFailed)
 

@@ -387,10 +387,10 @@ def count_answer(enc: Any, raws: list[bytes], doc: Any, prompt_doc: dict[str, An
     return counter.total, (estimate_prompt_tokens(enc, prompt_doc) if prompt_doc is not None else None)
 
 
-def _feed_completion_text(counter: IncrementalCounter | None, doc: Any) -> None:
+def _feed_completion_text(counter: IncrementalCounter, doc: Any) -> None:
     """Count the generated text of a JSON answer that came without ``usage``."""
     choices = doc.get("choices") if isinstance(doc, dict) else None
-    if not isinstance(choices, list) or counter is None:
+    if not isinstance(choices, list):
         return
     for choice in choices:
         if isinstance(choice, dict):

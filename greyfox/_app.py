@@ -29,6 +29,7 @@ from ._errors import ApiError
 from ._metrics import CONTENT_TYPE, Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
+from ._server import V1Request
 
 log = Logger()
 
@@ -69,7 +70,10 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
     def gone(failure: Any) -> None:
         d.cancel()
 
-    request.notifyFinish().addErrback(gone)
+    if isinstance(request, V1Request):
+        request.on_lost = gone
+    else:
+        request.notifyFinish().addErrback(gone)
 
     def respond(body: bytes) -> None:
         proxy.in_flight.discard(d)

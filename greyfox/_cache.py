@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -205,7 +205,7 @@ class Cache:
         self._hot_cap = hot_bytes
         self._touched: dict[str, CacheEntry] = {}
         self._touch_call: Any = None
-        self._writes: list[tuple[CacheEntry, bytes, Deferred[Any]]] = []
+        self._writes: list[tuple[CacheEntry, bytes]] = []
         self._write_call: Any = None
 
     def __len__(self) -> int:
@@ -246,44 +246,40 @@ class Cache:
         self._keep_hot(entry.id, body)
         return body
 
-    def store(self, entry: CacheEntry, data: bytes) -> Deferred[Any]:
+    def store(self, entry: CacheEntry, data: bytes) -> None:
         """Store a complete answer.  It is served from memory at once; the
         write is batched with the others of the next :attr:`WRITE_DELAY`
-        seconds (one transaction), and the returned Deferred fires when it is written (a
-        failed write is logged and the entry dropped)."""
+        seconds (one transaction; a failed write is logged and the entry
+        dropped).  No Deferred per entry: this runs for every relayed answer."""
         if len(data) > MAX_ENTRY_BYTES:
-            return succeed(None)
+            return
         old = self._index.pop(entry.id, None)
         if old is not None:
             self.bytes -= old.size
         self._index[entry.id] = entry
         self._keep_hot(entry.id, Body(data, entry.stream))
-        d: Deferred[Any] = Deferred()
-        self._writes.append((entry, data, d))
+        self._writes.append((entry, data))
         if self._write_call is None:
             self._write_call = self._clock.callLater(self.WRITE_DELAY, self._write_batch)
-        return d
 
     def _write_batch(self) -> None:
         self._write_call = None
         batch, self._writes = self._writes, []
-        copies = [(entry.row(), data) for entry, data, _ in batch]  # a snapshot: the entry may change meanwhile
+        copies = [(entry.row(), data) for entry, data in batch]  # a snapshot: the entry may change meanwhile
 
         def written(sizes: list[int]) -> None:
-            for (entry, _, d), size in zip(batch, sizes):
+            for (entry, _), size in zip(batch, sizes):
                 if self._index.get(entry.id) is entry:
                     entry.size = size
                     self.bytes += size
-                d.callback(None)
             self._evict()
 
         def failed(f: Any) -> None:
             log.warn("cache: could not store {n} entries ({reason})", n=len(batch), reason=f.getErrorMessage())
-            for entry, _, d in batch:
+            for entry, _ in batch:
                 if self._index.get(entry.id) is entry:
                     del self._index[entry.id]
                 self._drop_hot(entry.id)
-                d.callback(None)
 
         self._run(_store_many_txn, copies).addCallbacks(written, failed)
 

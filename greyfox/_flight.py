@@ -97,7 +97,7 @@ class Flight:
     def start(self) -> None:
         """Call the upstream.  Callbacks, not a coroutine: this runs for every relayed request."""
         self._forwarding = self.proxy.forward(self.leader)
-        self._forwarding.addCallbacks(self._got_response, self._forward_failed).addErrback(self._crashed)
+        self._forwarding.addBoth(_guarded(self._got_response, self._forward_failed, self._crashed))
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
@@ -146,7 +146,7 @@ class Flight:
             return
         pump = self._pump = BodyPump(self.fanout, proxy.clock, proxy.settings.stream_idle_timeout)
         response.deliverBody(pump)
-        pump.done.addCallbacks(self._body_ended, self._body_failed).addErrback(self._crashed)
+        pump.done.addBoth(_guarded(self._body_ended, self._body_failed, self._crashed))
 
     def _body_ended(self, _: None) -> None:
         assert self.fanout is not None
@@ -338,6 +338,27 @@ class Flight:
             fanout.on_complete = fanout.on_empty = _nothing
             fanout.subscribers = []
         self._counter = None
+
+
+def _guarded(
+    ok: Callable[[Any], None], failed: Callable[[Failure], Failure | None], crashed: Callable[[Failure], None]
+) -> Callable[[Any], None]:
+    """One Deferred callback that does what ``addCallbacks(ok, failed).addErrback(crashed)``
+    does: every callback a Deferred runs costs ~1.7 µs, and these run for every request.
+    ``crashed`` gets what ``failed`` hands back and any exception either raises."""
+
+    def step(result: Any) -> None:
+        try:
+            if isinstance(result, Failure):
+                unexpected = failed(result)
+                if unexpected is not None:
+                    crashed(unexpected)
+            else:
+                ok(result)
+        except Exception:
+            crashed(Failure())
+
+    return step
 
 
 def _ignore(sub: Subscriber) -> None:

@@ -173,9 +173,9 @@ class Proxy:
             self._account(call)
             return succeed(outcome)
 
-        def done(body: bytes) -> bytes:
+        def done(body: bytes | None) -> bytes:
             self._account(call)
-            return body
+            return body or b""
 
         def failed(failure: Failure) -> Any:
             if failure.check(ApiError):
@@ -192,8 +192,8 @@ class Proxy:
 
         return outcome.addCallbacks(done, failed)
 
-    def _begin(self, call: Call, request: IRequest) -> bytes | Deferred[bytes]:
-        """The pipeline up to the answer: ``b""`` when answered now, else a Deferred of it."""
+    def _begin(self, call: Call, request: IRequest) -> bytes | Deferred[None]:
+        """The pipeline up to the answer: ``b""`` when answered now, else a Deferred of its end."""
         self.parse(call, request)
         self.route(call)
         self.plan_cache(call, request)
@@ -206,14 +206,14 @@ class Proxy:
             return ensureDeferred(self.cache.body(entry)).addCallback(self._cold_hit, call, request, entry)
         return self._relay(call, request)
 
-    def _cold_hit(self, body: Any, call: Call, request: IRequest, entry: Any) -> bytes | Deferred[bytes]:
+    def _cold_hit(self, body: Any, call: Call, request: IRequest, entry: Any) -> bytes | Deferred[None]:
         """The entry's body was read from the database (or had gone: relay instead)."""
         if body is not None:
             self.serve_hit(call, request, entry, body)
             return b""
         return self._relay(call, request)
 
-    def _relay(self, call: Call, request: IRequest) -> Deferred[bytes]:
+    def _relay(self, call: Call, request: IRequest) -> Deferred[None]:
         """Answer from the upstream: a new flight, or one already in the air for the same request."""
         if call.replay:
             raise errors.cache_miss(call.key)
@@ -229,19 +229,19 @@ class Proxy:
                 return counting.addCallback(lambda prompt: self._lead(call, request, prompt))
         return self._lead(call, request, None)
 
-    def _lead(self, call: Call, request: IRequest, prompt: int | None) -> Deferred[bytes]:
+    def _lead(self, call: Call, request: IRequest, prompt: int | None) -> Deferred[None]:
         """Admit the request and start its own upstream call."""
         self.admit(call, prompt)
         return self._ride(call, request, self.new_flight(call), leader=True)
 
-    def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[bytes]:
+    def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[None]:
         """Answer this client from ``flight``; fires when its response is complete."""
         request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
         self.remaining_header(call, request)
         subscriber = flight.subscribe(request, call)
         if leader:
             flight.start()  # after subscribing: even an instant failure reaches this client
-        return subscriber.done.addCallback(lambda _: b"")
+        return subscriber.done  # (fires with None: the response is written)
 
     def _account(self, call: Call) -> None:
         """Queue the ledger row now, or when the shared upstream call knows the usage."""
@@ -462,15 +462,17 @@ class Proxy:
 
         timer = self.clock.callLater(self.settings.read_timeout, expire)
 
-        def stop_timer(result: Any) -> Any:
+        def answered(response: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            return result
+            return response
 
         def failed(failure: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
             return Failure(self._forward_error(failure.value, upstream.name, bool(timed_out)))
 
-        return d.addBoth(stop_timer).addErrback(failed)
+        return d.addCallbacks(answered, failed)
 
     def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
         """What a client is told when its upstream call failed before the response headers."""

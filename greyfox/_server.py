@@ -98,6 +98,10 @@ class V1Request:
         self._unsent: int | None = None  # body bytes still owed to a declared Content-Length
         self._producer: Any = None
         self._waiters: list[Deferred[None]] | None = None
+        #: Called with the reason if the client leaves before the response is
+        #: complete: what ``notifyFinish().addErrback`` gives, without a Deferred
+        #: for every request.
+        self.on_lost: Callable[[Failure], None] | None = None
 
     # -- what the handler sets --
 
@@ -142,6 +146,7 @@ class V1Request:
             # so that the client sees a truncated response rather than waiting.
             self.keep_alive = False
         self.finished = True
+        self.on_lost = None
         if self._producer is not None:
             self.unregisterProducer()
         self._fire(None)
@@ -200,6 +205,9 @@ class V1Request:
         self.channel = None
         self._producer = None
         self._fire(reason)
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost(reason)
 
     def _fire(self, result: Failure | None) -> None:
         waiters, self._waiters = self._waiters, None

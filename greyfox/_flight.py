@@ -12,13 +12,13 @@ rows and, for a complete ``200``, stores the answer in the cache.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import _json
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
@@ -388,7 +388,7 @@ _NOT_JSON = object()
 
 def _json_of(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return _json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return _NOT_JSON
 

@@ -9,11 +9,10 @@ what a request really used beyond its reservation.
 
 from __future__ import annotations
 
-import hashlib
 from bisect import bisect_right
 from collections import deque
 from datetime import date, datetime, time, timedelta
-from typing import Any, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
 import attr
@@ -69,7 +68,7 @@ class Refused(Exception):
         self.remaining = remaining
 
 
-def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> str:
+def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> int:
     """Model + system prompt + first user message: what a runaway loop keeps resending.
 
     A loop that appends to a growing conversation keeps the same fingerprint;
@@ -95,8 +94,9 @@ def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> str:
             value = body.get(key)
             parts.append(value[:1] if isinstance(value, list) else value)
     # repr, not JSON: the parts come from one parsed body, so the same request
-    # gives the same text, and this runs for every request.
-    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    # gives the same text.  Python's own (keyed, per-process) string hash: the
+    # table lives in memory only, and this runs for every request.
+    return hash(repr(parts))
 
 
 def duration(seconds: float) -> str:
@@ -148,9 +148,9 @@ class Quotas:
         # (user, fingerprint) -> times of its calls in the window, oldest first.
         # Tuples of floats: the cycle collector stops tracking them, and a
         # proxy remembers one per conversation seen in the window.
-        self._loops: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._loops: dict[tuple[str, Hashable], tuple[float, ...]] = {}
         self._sweep_at = LOOP_SWEEP_MIN
-        self.breakers: dict[tuple[str, str], float] = {}  # (user, fingerprint) -> open until
+        self.breakers: dict[tuple[str, Hashable], float] = {}  # (user, fingerprint) -> open until
 
     def load_day(self, used_today: Iterable[tuple[str, int, float]]) -> None:
         """Add ``(user, tokens, usd)`` already charged today."""
@@ -205,7 +205,7 @@ class Quotas:
         day = self._day(now)
         return max(0, limit - day.used.get(user, 0) - day.reserved.get(user, 0))
 
-    def admit(self, user: str, tokens: int, usd: float, fingerprint: str | None, now: float) -> Reservation:
+    def admit(self, user: str, tokens: int, usd: float, fingerprint: Hashable | None, now: float) -> Reservation:
         """Check every limit, then reserve; raise :class:`Refused` naming the first that would break."""
         day = self._day(now)
         limits = self.limits_for(user)
@@ -263,7 +263,7 @@ class Quotas:
                 self._sweep(now)
         return Reservation(user, day.day, tokens, usd, entry)
 
-    def _check_loop(self, user: str, fingerprint: str | None, now: float) -> tuple[float, ...]:
+    def _check_loop(self, user: str, fingerprint: Hashable | None, now: float) -> tuple[float, ...]:
         """The conversation's calls still in the window; raise when one more would be a loop."""
         if fingerprint is None or not self.loop_max_repeats:
             return ()

@@ -33,7 +33,7 @@ class Metrics:
     def __init__(self, pending: Callable[[], int], degraded: Callable[[], bool]) -> None:
         self._pending = pending
         self._degraded = degraded
-        self.requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.requests: defaultdict[tuple[str, int, str], int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.cost: defaultdict[str, float] = defaultdict(float)
         self.saved_tokens = 0
@@ -44,7 +44,7 @@ class Metrics:
 
     def observe(self, row: LedgerRow) -> None:
         upstream = row.upstream or "none"
-        self.requests[(upstream, f"{row.status // 100}xx", row.cache)] += 1
+        self.requests[(upstream, row.status // 100, row.cache)] += 1  # (the class's text at scrape time)
         if row.cache != "HIT":
             self.tokens[(upstream, "prompt")] += row.prompt_tokens
             self.tokens[(upstream, "completion")] += row.completion_tokens
@@ -62,8 +62,8 @@ class Metrics:
         requests = CounterMetricFamily(
             "greyfox_requests", "Requests relayed or answered", labels=["upstream", "status_class", "cache"]
         )
-        for labels, n in sorted(self.requests.items()):
-            requests.add_metric(list(labels), n)
+        for (upstream, status_class, cache), n in sorted(self.requests.items()):
+            requests.add_metric([upstream, f"{status_class}xx", cache], n)
         yield requests
         tokens = CounterMetricFamily("greyfox_tokens", "Tokens charged", labels=["upstream", "kind"])
         for labels, n in sorted(self.tokens.items()):

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from . import _errors as errors
+from . import _errors as errors, _json
 from ._config import Settings
 from ._errors import ApiError
 from ._pricing import PriceTable
@@ -77,6 +77,8 @@ class Call:
     flight: Any = None
     reservation: Reservation | None = None
     prompt_estimate: int | None = None  # our count of the prompt, when admission needed one
+    #: The model as the upstream knows it (prefix removed), once parsed and routed.
+    model: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -92,14 +94,6 @@ class Call:
     def wants_usage_chunk(self) -> bool:
         """Whether the client itself asked for it (not GreyFox on its behalf)."""
         return self.asks_for_usage and not self.strip_usage_chunk
-
-    @property
-    def model(self) -> str | None:
-        if self.route is not None and self.route.model is not None:
-            return self.route.model
-        if self.doc is not None and isinstance(self.doc.get("model"), str):
-            return self.doc["model"]
-        return None
 
 
 def valid_user(value: str) -> bool:
@@ -254,12 +248,12 @@ class Proxy:
         """Check credentials and the body; nothing reaches the upstream before this passes."""
         headers = request.requestHeaders
         call.forward_headers = request_headers(headers.getAllRawHeaders())
-        call.client_authorization = headers.getRawHeaders(b"authorization", [None])[0]
+        call.client_authorization = _first(headers, b"authorization")
         if self.settings.client_token is not None:
             token = bearer(call.client_authorization)
             if token is None or not _same(token, self.settings.client_token.encode()):
                 raise errors.unauthorized()
-        user = headers.getRawHeaders(b"x-app-user-id", [None])[0]
+        user = _first(headers, b"x-app-user-id")
         if user is not None:
             user_text = user.decode("utf-8", "replace")
             if not valid_user(user_text):
@@ -269,7 +263,7 @@ class Proxy:
             call.user = user_text
 
         limit = self.settings.max_body_bytes
-        declared = headers.getRawHeaders(b"content-length", [None])[0]
+        declared = _first(headers, b"content-length")
         if (declared is not None and declared.isdigit() and int(declared) > limit) or getattr(
             request, "body_too_large", False
         ):
@@ -281,7 +275,7 @@ class Proxy:
         if len(call.body) > limit:
             raise errors.too_large(limit)
 
-        content_type = (headers.getRawHeaders(b"content-type", [b""])[0] or b"").decode("latin-1")
+        content_type = (_first(headers, b"content-type") or b"").decode("latin-1")
         is_json = _is_json(content_type)
         needs_json = call.method == "POST" and call.subpath in JSON_ENDPOINTS
         if needs_json and not is_json:
@@ -291,16 +285,17 @@ class Proxy:
                 raise errors.bad_request("The request body is empty; send a JSON object.", "invalid_json")
             return
         try:
-            doc = json.loads(call.body)
+            doc = _json.loads(call.body)
         except (ValueError, UnicodeDecodeError) as e:
             raise errors.bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(doc, dict):
             raise errors.bad_request("The request body must be a JSON object.", "invalid_json")
         call.doc = doc
-        if needs_json:
-            model = doc.get("model")
-            if not isinstance(model, str) or not model:
-                raise errors.bad_request("You must provide a model parameter.", "missing_model", "model")
+        model = doc.get("model")
+        if isinstance(model, str):
+            call.model = model
+        if needs_json and not call.model:
+            raise errors.bad_request("You must provide a model parameter.", "missing_model", "model")
         call.stream = doc.get("stream") is True
 
     def route(self, call: Call) -> None:
@@ -309,6 +304,8 @@ class Proxy:
         doc = call.doc
         model = doc.get("model") if doc is not None else None
         call.route = resolve(model if isinstance(model, str) else None, s.upstreams, s.default_upstream)
+        if call.route.model is not None:
+            call.model = call.route.model
         if doc is None:
             return
         changed = False
@@ -330,7 +327,7 @@ class Proxy:
         """Decide whether this request may be answered from, or stored in, the cache."""
         headers = request.requestHeaders
         mode = self.settings.mode
-        if (headers.getRawHeaders(b"x-greyfox-mode", [b""])[0] or b"").strip().lower() == b"replay":
+        if (_first(headers, b"x-greyfox-mode") or b"").strip().lower() == b"replay":
             mode = "replay"
         call.replay = mode == "replay"
         cacheable = call.method == "POST" and call.subpath in JSON_ENDPOINTS and call.doc is not None
@@ -350,10 +347,9 @@ class Proxy:
             call.read_scopes = (call.write_scope, SHARED)
         else:
             call.write_scope, call.read_scopes = SHARED, (SHARED,)
-        control = (headers.getRawHeaders(b"x-greyfox-cache", [b""])[0] or b"").strip().lower()
-        directives = {
-            d.strip().lower() for v in headers.getRawHeaders(b"cache-control", []) for d in v.split(b",")
-        }
+        control = (_first(headers, b"x-greyfox-cache") or b"").strip().lower()
+        cache_control = headers.getRawHeaders(b"cache-control")
+        directives = {d.strip().lower() for v in cache_control for d in v.split(b",")} if cache_control else ()
         if control == b"bypass":
             call.cache = "BYPASS"
         elif control == b"refresh" or b"no-cache" in directives:
@@ -543,6 +539,12 @@ class Proxy:
         )
         self.ledger.record(row)
         self.on_settle(call, row)
+
+
+def _first(headers: Any, name: bytes) -> bytes | None:
+    """A request header's first value (``RawHeaders`` on GreyFox's server, ``Headers`` on twisted.web's)."""
+    values = headers.getRawHeaders(name)
+    return values[0] if values else None
 
 
 def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:

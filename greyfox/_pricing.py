@@ -50,6 +50,9 @@ class PriceTable:
             for model, r in rows.items()
         }
         self._resolved: dict[str, Price | None] = {}  # model as asked -> its price (or None)
+        # The last answer: a relayed answer's usage is priced for its cache
+        # entry and again for its ledger row (Usage is frozen; prices are fixed).
+        self._last: tuple[str, Usage | None, float | None] = ("", None, None)
 
     @classmethod
     def shipped(cls, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> "PriceTable":
@@ -71,5 +74,10 @@ class PriceTable:
         return price
 
     def cost(self, model: str, usage: Usage) -> float | None:
+        last = self._last
+        if usage is last[1] and model == last[0]:
+            return last[2]
         price = self.lookup(model)
-        return None if price is None else price.cost(usage)
+        cost = None if price is None else price.cost(usage)
+        self._last = (model, usage, cost)
+        return cost

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_cache -*-
-"""The response cache: an in-memory index over compressed bodies in SQLite.
+"""The response cache: an in-memory index over bodies in SQLite (compressed past 1 KiB).
 
 What decides a hit (key, scope, age, size, usage) lives in memory, so a
 lookup never waits on the database; a body is read from SQLite only when it
@@ -108,12 +108,29 @@ _INSERT = f"INSERT OR REPLACE INTO cache ({', '.join(_COLUMNS)}, body) VALUES ({
 _SIZE = _COLUMNS.index("size")
 
 
+#: Bodies shorter than this are stored as they are: compressing one costs
+#: 8-15 µs whatever its size (zlib's set-up), to save a few hundred bytes.
+COMPRESS_FROM = 1024
+#: The first byte of a body stored as it is.  A zlib stream never starts
+#: with it (its first byte names the method, 8), so older rows read as before.
+_RAW = b"\x00"
+
+
+def pack_body(body: bytes) -> bytes:
+    """A body as the ``body`` column stores it."""
+    return _RAW + body if len(body) < COMPRESS_FROM else zlib.compress(body, 1)  # level 1: JSON and SSE still shrink 3-5x
+
+
+def unpack_body(blob: bytes) -> bytes:
+    return blob[1:] if blob[:1] == _RAW else zlib.decompress(blob)
+
+
 def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes]]) -> list[int]:
-    """Compress and write a batch of (entry row, body) in one transaction (in the pool's thread);
-    the sizes of the compressed bodies, in order."""
+    """Pack and write a batch of (entry row, body) in one transaction (in the pool's thread);
+    the stored sizes of the bodies, in order."""
     rows, sizes = [], []
     for row, body in batch:
-        blob = zlib.compress(body, 1)  # fast; JSON and SSE still shrink 3-5x
+        blob = pack_body(body)
         sizes.append(len(blob))
         rows.append(row[:_SIZE] + (len(blob),) + row[_SIZE + 1 :] + (blob,))
     txn.executemany(_INSERT, rows)
@@ -123,7 +140,7 @@ def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes]]) -> lis
 def _body_txn(txn: Any, key: str, scope: str) -> bytes | None:
     txn.execute("SELECT body FROM cache WHERE key = ? AND scope = ?", (key, scope))
     row = txn.fetchone()
-    return zlib.decompress(row[0]) if row else None
+    return unpack_body(row[0]) if row else None
 
 
 def _delete_txn(txn: Any, ids: list[tuple[str, str]]) -> None:
@@ -364,7 +381,7 @@ def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Ite
     where = "" if include_private else "WHERE scope = 'shared'"
     for row in conn.execute(f"SELECT {', '.join(_COLUMNS)}, body FROM cache {where} ORDER BY created"):
         entry = CacheEntry(*row[:5], bool(row[5]), *row[6:15])
-        data = zlib.decompress(row[15])
+        data = unpack_body(row[15])
         doc: dict[str, Any] = {
             "version": CASSETTE_VERSION,
             "key": entry.key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import openai
@@ -12,7 +13,7 @@ from hypothesis import given, strategies as st
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import Clock
 
-from greyfox._cache import Cache, CacheEntry
+from greyfox._cache import Cache, CacheEntry, pack_body, unpack_body
 from greyfox._cachekey import SHARED, cache_key, canonical_json, credential_scope
 from greyfox._cli import main as cli
 
@@ -403,3 +404,12 @@ async def test_cache_api_counts_and_clears(start_proxy, http):
     assert json.loads(await response.content())["deleted"] == 1
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
     assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"MISS"]
+
+
+def test_stored_bodies_read_back_whatever_their_size_or_age():
+    small, large = b'{"id":"x"}', b'{"content":"' + b"hello " * 400 + b'"}'
+    assert unpack_body(pack_body(small)) == small
+    assert unpack_body(pack_body(large)) == large
+    assert len(pack_body(large)) < len(large) // 4  # compressed
+    # rows written before small bodies were stored as they are: zlib throughout
+    assert unpack_body(zlib.compress(small, 1)) == small

@@ -26,7 +26,7 @@ from twisted.web.static import File
 from . import _errors as errors
 from ._api import Api, Result
 from ._errors import ApiError
-from ._metrics import CONTENT_TYPE, Metrics
+from ._metrics import Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
 from ._server import V1Request
@@ -147,8 +147,9 @@ class GreyFoxApp:
             self._check_admin(request)
         except ApiError as e:
             return _error(request, e)
-        request.setHeader(b"content-type", CONTENT_TYPE.encode())
-        return self.metrics.render()
+        text, content_type = self.metrics.render()
+        request.setHeader(b"content-type", content_type)
+        return text
 
     # -- admin API --
 

@@ -96,8 +96,9 @@ class Flight:
 
     def start(self) -> None:
         """Call the upstream.  Callbacks, not a coroutine: this runs for every relayed request."""
-        self._forwarding = self.proxy.forward(self.leader)
-        self._forwarding.addBoth(_guarded(self._got_response, self._forward_failed, self._crashed))
+        forwarding = self.proxy.forward(self.leader, _guarded(self._got_response, self._forward_failed, self._crashed))
+        if not forwarding.called:  # (else it is over already: nothing to cancel)
+            self._forwarding = forwarding
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
@@ -126,8 +127,9 @@ class Flight:
         self.response = response
         content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
         self._content_type = content_type.decode("latin-1")
-        self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
         if content_type.startswith(b"text/event-stream"):
+            # (counts a stream's text as it passes, when it must; see StreamMeter)
+            self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
             # A Responses stream always ends with its usage (response.completed):
             # past what is kept, the meter need not count its text on the way.
             expect = leader.asks_for_usage or leader.subpath == b"/responses"
@@ -222,7 +224,7 @@ class Flight:
             if usage is not None:
                 self.usage, self.usage_source = usage, "upstream"
                 return
-        if leader.doc is None or self._counter is None or code >= 400:
+        if leader.doc is None or code >= 400:
             return
         enc = self.proxy.encoding_for(leader.model or "")
         prompt = leader.prompt_estimate  # counted for admission already, when limits needed it
@@ -244,8 +246,8 @@ class Flight:
         meter = self._meter
         if meter is None and text_tokens == 0 and self.leader.subpath != b"/embeddings":
             return  # nothing generated: no usage to estimate (an embedding's is all prompt)
-        assert self._counter is not None
-        completion = text_tokens + self._counter.total + (meter.rough_tokens() if meter is not None else 0)
+        counter = self._counter  # (a stream's: its text counted on the way, if any)
+        completion = text_tokens + (counter.total if counter is not None else 0) + (meter.rough_tokens() if meter is not None else 0)
         self.usage = Usage(prompt if prompt is not None else counted_prompt or 0, completion)
         self.usage_source = "estimated"
 

@@ -434,13 +434,13 @@ class Proxy:
         if remaining is not None:
             request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
 
-    def forward(self, call: Call) -> Deferred[Any]:
-        """Send the request upstream.
+    def forward(self, call: Call, then: Callable[[Any], None]) -> Deferred[Any]:
+        """Send the request upstream; ``then`` gets the response once its
+        headers arrive, or a :class:`Failure` of the :class:`ApiError` the
+        client will see (``CancelledError`` when the call was cancelled).
 
-        Fires with the response once its headers arrive, or fails with the
-        :class:`ApiError` the client will see (``CancelledError`` when the
-        call was cancelled).  A plain Deferred, not a coroutine: this runs for
-        every relayed request.
+        Returns the upstream call's Deferred, to cancel it with.  One plain
+        callback, not a chain or a coroutine: this runs for every relayed request.
         """
         assert call.route is not None
         upstream = call.route.upstream
@@ -458,17 +458,15 @@ class Proxy:
 
         timer = self.clock.callLater(self.settings.read_timeout, expire)
 
-        def answered(response: Any) -> Any:
+        def answered(result: Any) -> None:
             if timer.active():
                 timer.cancel()
-            return response
+            if isinstance(result, Failure):
+                result = Failure(self._forward_error(result.value, upstream.name, bool(timed_out)))
+            then(result)
 
-        def failed(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            return Failure(self._forward_error(failure.value, upstream.name, bool(timed_out)))
-
-        return d.addCallbacks(answered, failed)
+        d.addBoth(answered)
+        return d
 
     def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
         """What a client is told when its upstream call failed before the response headers."""

@@ -64,7 +64,11 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
     servers set ``request.channel`` to ``None`` when the client is gone.
     """
     subpath = request.path[len(b"/v1") :] or b"/"
-    d = proxy.handle(request, subpath)
+    outcome = proxy.handle(request, subpath)
+    if isinstance(outcome, bytes):  # answered at once (a cache hit, a refusal)
+        _finish(request, outcome)
+        return
+    d = outcome
     proxy.in_flight.add(d)
 
     def gone(failure: Any) -> None:
@@ -77,10 +81,7 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
 
     def respond(body: bytes) -> None:
         proxy.in_flight.discard(d)
-        if request.channel is not None and not request.finished:
-            if body:
-                request.write(body)
-            request.finish()
+        _finish(request, body)
 
     def failed(failure: Any) -> None:
         proxy.in_flight.discard(d)
@@ -98,6 +99,14 @@ def serve_v1(proxy: Proxy, request: Any) -> None:
         request.finish()
 
     d.addCallbacks(respond, failed)
+
+
+def _finish(request: Any, body: bytes) -> None:
+    """End the response with ``body``, unless the client has gone."""
+    if request.channel is not None and not request.finished:
+        if body:
+            request.write(body)
+        request.finish()
 
 
 class ProxyResource(Resource):

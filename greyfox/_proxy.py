@@ -14,7 +14,7 @@ import math
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, maybeDeferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -140,13 +140,13 @@ class Proxy:
 
     # -- the pipeline --
 
-    def handle(self, request: IRequest, subpath: bytes) -> Deferred[bytes]:
+    def handle(self, request: IRequest, subpath: bytes) -> bytes | Deferred[bytes]:
         """Serve one ``/v1`` request.
 
-        Fires with the body to finish the response with (``b""`` when the
-        response was written already), once the call's ledger row is queued.
-        Plain Deferreds, no coroutine: a cache hit from memory or a refusal is
-        answered synchronously, and this runs for every request.
+        The body to finish the response with (``b""`` when the response was
+        written already), once the call's ledger row is queued: at once for a
+        cache hit from memory or a refusal, else as a Deferred.  No coroutine
+        and no Deferred for those: this runs for every request.
         """
         call = Call(
             id=self.ledger.next_id(),
@@ -165,7 +165,7 @@ class Proxy:
             return fail()  # a bug: serve_v1 logs it and answers 500
         if isinstance(outcome, bytes):
             self._account(call)
-            return succeed(outcome)
+            return outcome
 
         def done(body: bytes | None) -> bytes:
             self._account(call)

@@ -274,12 +274,14 @@ class Flight:
         scope, _, key = self.entry_id.partition(":")
         usage = self.usage or Usage()
         now = self.proxy.clock.seconds()
+        # Positional, in field order (key, scope, upstream, path, model, stream,
+        # status, content_type, created, last_used, size, prompt, completion,
+        # cached tokens, cost): fifteen keyword arguments cost ~2 µs.
         entry = CacheEntry(
-            key=key, scope=scope, upstream=leader.route.upstream.name, path=leader.subpath.decode("latin-1"),
-            model=leader.model, stream=self._meter is not None, status=200, content_type=content_type,
-            created=now, last_used=now, size=0, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=self.proxy.prices.cost(leader.model or "", usage) if self.usage else None,
+            key, scope, leader.route.upstream.name, leader.subpath.decode("latin-1"), leader.model,
+            self._meter is not None, 200, content_type, now, now, 0,
+            usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+            self.proxy.prices.cost(leader.model or "", usage) if self.usage else None,
         )
         self.proxy.cache.store(entry, body)
 

@@ -17,3 +17,11 @@ def test_benchmark_smoke_run_prints_its_table():
     for scenario in ("relay, cache miss, c=16", "cache hits, c=64", "stream (40 chunks), c=1", "ledger off vs on"):
         assert scenario in result.stdout
     assert "idle RSS" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["relay", "hit"])
+def test_in_process_harness_still_serves_its_requests(kind):
+    harness = os.path.join(os.path.dirname(BENCH), "inprocess.py")
+    result = subprocess.run([sys.executable, harness, kind, "50"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]  # (it checks the responses are MISS or HIT)
+    assert result.stdout.startswith(f"{kind}: ")

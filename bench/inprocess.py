@@ -29,13 +29,13 @@ are queued, batches never written).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # greyfox, and bench/upstream.py
 
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
@@ -45,15 +45,9 @@ from greyfox._config import load_settings  # noqa: E402
 from greyfox._tokens import load_encodings  # noqa: E402
 from greyfox._upstream import _Connection  # noqa: E402
 from greyfox.service import GreyFoxService  # noqa: E402
+from upstream import JSON_RESPONSE as RESPONSE  # noqa: E402  (the benchmark upstream's own answer)
 
 UPSTREAM = ("127.0.0.1", 9)  # never connected to: the pooled connection is a StringTransport
-ANSWER = json.dumps({
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there, how can I help?"},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
-}).encode()
-RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
 
 
 def request(n: int) -> bytes:

@@ -16,6 +16,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
+from greyfox import _flight
+
 from . import fakeupstream
 from .conftest import DEEPSEEK_KEY, PROXY_KEY, eventually, in_thread, post_json, sleep
 
@@ -327,6 +329,23 @@ async def test_client_disconnect_cancels_the_upstream_at_once(start_proxy):
     proxy = await start_proxy()
     await hang_up_after(proxy, dict(CHAT, stream=True), 2)
     assert await _wait(proxy.upstream.lost[0], 1.0) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_on_the_relay_path_is_logged_and_answered_500(start_proxy, http, observe_errors, monkeypatch):
+    proxy = await start_proxy()
+
+    def broken(self, sub, call):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(_flight.Flight, "_begin", broken)  # runs when the upstream's headers arrive
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.code == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert [e["log_failure"].type for e in observe_errors] == [ZeroDivisionError]
+    observe_errors.clear()  # expected: the fixture fails tests on logged errors
+    monkeypatch.undo()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and it keeps serving
+    assert response.code == 200
 
 
 # -- isolation and secrecy --

@@ -58,6 +58,8 @@ async def test_exact_upstream_usage_is_recorded(start_proxy, http, path, body, p
     assert row["user"] == "alice" and row["status"] == 200 and row["stream"] == bool(body.get("stream"))
     assert row["endpoint"] == "/v1" + path and row["upstream"] == "openai"
     assert row["cost_usd"] > 0
+    assert row["cache"] == "MISS" and row["model"] == body["model"] and row["error"] is None
+    assert 0 < row["ttfb_ms"] <= row["latency_ms"]  # (catches the two swapped in the positional LedgerRow)
     assert row["time"].endswith("+00:00")
 
 

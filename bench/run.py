@@ -336,23 +336,33 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                      f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                      f"{cpu_ms:.3f} ms"])
 
-        # The floor: the same relay with no GreyFox code (bench/floor.py), right after.
+        # The floor: the same relay with no GreyFox code (bench/floor.py), measured
+        # in turns with GreyFox (floor, GreyFox, GreyFox, floor), so that both see
+        # the same machine phase: this machine's speed drifts by a third within
+        # minutes, and the ratio of the two is the steadiest figure there is.
         floor_port = free_port()
         floor = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, os.path.join(HERE, "floor.py"), str(floor_port), str(up_port)]))
         try:
             wait_port(floor_port)
             floor_url = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
             wrk(floor_url, 16, 1, unique)  # warm its pool
-            cpu0 = proc_cpu(floor.pid)
-            f = wrk(floor_url, 16, secs, unique)
-            floor_ms = (proc_cpu(floor.pid) - cpu0) * 1000 / max(1, f["requests"])
+            turns: dict[str, list[tuple[dict[str, Any], float]]] = {"floor": [], "greyfox": []}
+            for who in ("floor", "greyfox", "greyfox", "floor"):
+                pid, url = (floor.pid, floor_url) if who == "floor" else (gf.proc.pid, proxied)
+                cpu0 = proc_cpu(pid)
+                t = wrk(url, 16, secs, unique)
+                turns[who].append((t, (proc_cpu(pid) - cpu0) * 1000 / max(1, t["requests"])))
         finally:
             floor.terminate()
             floor.wait()
-        gf_ms = figures["relay_c16"]["cpu_ms_per_request"]
-        figures["floor_c16"] = {"proxy": f, "cpu_ms_per_request": floor_ms}
+        floor_ms = sum(ms for _, ms in turns["floor"]) / 2
+        gf_ms = sum(ms for _, ms in turns["greyfox"]) / 2
+        f = turns["floor"][-1][0]
+        figures["floor_c16"] = {"proxy": f, "cpu_ms_per_request": floor_ms, "greyfox_in_turns_ms": gf_ms,
+                                "turns": {k: [ms for _, ms in v] for k, v in turns.items()}}
         rows.append(["floor: relay with no GreyFox code, c=16", "", f"{f['rps']:.0f} req/s", "",
-                     f"GreyFox's own work: {gf_ms - floor_ms:.3f} ms", f"{floor_ms:.3f} ms"])
+                     f"in turns: GreyFox {gf_ms:.3f} ms = {gf_ms / floor_ms:.1f} x floor, "
+                     f"its own work {gf_ms - floor_ms:.3f} ms", f"{floor_ms:.3f} ms"])
 
         post(proxied, FIXED_BODY)  # warm the cache entry
         for c in (16, 64):

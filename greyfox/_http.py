@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.server import Request, Site
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import ErrorPage, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ._server import is_v1
+
+log = Logger()
 
 
 class LimitedRequest(Request):
@@ -59,6 +65,45 @@ class QuietSite(Site):
             request.sitepath = list(request.prepath)
             return self.v1
         return super().getResourceFor(request)
+
+
+class WhenLoaded(Resource):
+    """A leaf resource that stands for one still being loaded, off the reactor.
+
+    The console, API, health and metrics are a Klein app; importing Klein and
+    Werkzeug takes ~0.12 s, which the service does in a thread at start
+    instead of before its port opens (and never on the reactor thread, where
+    it would stall every connection).  A request that comes before it is
+    ready waits for it, then is rendered as twisted.web would have; Klein's
+    resource is a leaf too, so every request reaches it unchanged.
+    """
+
+    isLeaf = True
+
+    def __init__(self, loading: Deferred[Any]) -> None:
+        super().__init__()
+        self._resource: Any = None
+        self._loading = loading.addCallbacks(self._loaded, self._failed)
+
+    def _loaded(self, resource: Any) -> Any:
+        self._resource = resource
+        return resource
+
+    def _failed(self, failure: Failure) -> Any:
+        log.failure("could not load the console and admin API", failure)
+        return self._loaded(ErrorPage(500, "GreyFox could not load its console and admin API", "See its log."))
+
+    def render(self, request: Any) -> Any:
+        if self._resource is not None:
+            return self._resource.render(request)
+
+        def ready(resource: Any) -> Any:
+            if not request.finished and request.channel is not None:
+                request.render(resource)
+            return resource
+
+        self._loading.addCallback(ready)
+        return NOT_DONE_YET
 
 
 def no_delay_listening(port: Any) -> None:

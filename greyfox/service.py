@@ -10,6 +10,7 @@ the pools.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 from typing import Any
@@ -25,11 +26,11 @@ from twisted.python.failure import Failure
 from ._api import Api
 from ._cache import Cache
 from ._collector import FullCollections
-from ._app import GreyFoxApp, serve_v1
 from ._config import Settings
-from ._http import QuietSite, no_delay_listening
+from ._http import QuietSite, WhenLoaded, no_delay_listening
 from ._server import ServerFactory
 from ._upstream import UpstreamClient
+from ._v1 import ProxyResource, serve_v1
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
@@ -180,8 +181,10 @@ class GreyFoxService(MultiService):
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
                        self.cache, self.cache_stats, self.quotas)
-        self.web = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
-        self.site = QuietSite(self.web.resource(), max_body=settings.max_body_bytes, v1=self.web.proxy_resource())
+        # The console, API, health and metrics (Klein) load in a thread once the
+        # reactor runs: not on the way to the first relayed request.
+        self._web: defer.Deferred[Any] = defer.Deferred()
+        self.site = QuietSite(WhenLoaded(self._web), max_body=settings.max_body_bytes, v1=ProxyResource(self.proxy))
         self.site.displayTracebacks = False
         # /v1 on GreyFox's own HTTP/1.1 protocol; everything else on twisted.web.
         self.server = ServerFactory(self.site, lambda request: serve_v1(self.proxy, request),
@@ -189,6 +192,15 @@ class GreyFoxService(MultiService):
         self.listener = _Listener(reactor, settings.listen, self.server)
         self.listener.setServiceParent(self)
         FullCollections(reactor, busy=lambda: bool(self.proxy.in_flight)).setServiceParent(self)
+
+    def _load_web(self) -> None:
+        if self._web.called:
+            return
+        reactor = self.reactor
+        importing = deferToThreadPool(reactor, reactor.getThreadPool(), importlib.import_module, "greyfox._app")
+        importing.addCallback(
+            lambda app: app.GreyFoxApp(self.proxy, self.api, self.metrics, self.settings.admin_token).resource()
+        ).chainDeferred(self._web)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)
@@ -211,6 +223,7 @@ class GreyFoxService(MultiService):
         gc.collect()
         gc.freeze()
         super().startService()
+        self.reactor.callWhenRunning(self._load_web)
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
 

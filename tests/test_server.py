@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from greyfox._server import IDLE_TIMEOUT, ServerFactory, V1Request, is_v1, sniff
 
-from .conftest import in_thread
+from .conftest import in_thread, sleep
 
 
 class Health(Resource):
@@ -282,3 +282,58 @@ def test_a_bug_while_serving_is_logged_and_answered_500(observe_errors: Any) -> 
     assert h.transport.disconnecting
     assert len(observe_errors) == 1
     observe_errors.clear()  # expected: the fixture fails tests on logged errors
+
+
+# -- the console and API resource, loaded in a thread at start --
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"hello " + request.path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_before_the_console_is_loaded_waits_for_it(http: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from greyfox._http import WhenLoaded
+
+    loading: Deferred[Any] = Deferred()
+    port = reactor.listenTCP(0, Site(WhenLoaded(loading)), interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        early = http.get(url + "/healthz")
+        answered: list[Any] = []
+        early.addBoth(lambda r: answered.append(r) or r)
+        await sleep(0.1)
+        assert not answered  # waiting, not answered with an error
+        loading.callback(_Hello())
+        response = await early
+        assert response.code == 200 and await response.content() == b"hello /healthz"
+        response = await http.get(url + "/api/usage")  # once loaded, straight through
+        assert await response.content() == b"hello /api/usage"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_that_cannot_load_answers_500_and_says_so_in_the_log(http: Any, observe_errors: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from greyfox._http import WhenLoaded
+
+    loading: Deferred[Any] = Deferred()
+    port = reactor.listenTCP(0, Site(WhenLoaded(loading)), interface="127.0.0.1")
+    try:
+        loading.errback(ImportError("no klein"))
+        response = await http.get(f"http://127.0.0.1:{port.getHost().port}/healthz")
+        assert response.code == 500
+        await response.content()
+        assert [e["log_failure"].type for e in observe_errors] == [ImportError]
+        observe_errors.clear()
+    finally:
+        await port.stopListening()

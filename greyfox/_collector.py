@@ -10,7 +10,8 @@ were most of the relay's p99 at concurrency 16 (bench/README.md).
 So the automatic full pass is turned off; the young generations still
 collect as usual.  A full pass runs from the reactor, between events, when
 anything reached the old generation since the last one, at most once a
-minute, and when no request is in flight (a pause then delays nobody); under
+minute, and when the proxy is idle (no request in flight, none arrived in
+the last few seconds: a pause then delays nobody); under
 unbroken load, every ten minutes regardless.  Cyclic garbage that got that
 far (closed connections, mostly) waits that long at most.  The idea of
 Synapse's ``_gc`` module (collections timed by the reactor), for the old
@@ -45,7 +46,7 @@ class FullCollections(Service):
     """Full passes on a timer while running; CPython's own rule again when stopped."""
 
     def __init__(self, clock: Any, busy: Callable[[], bool] = lambda: False) -> None:
-        """:param busy: whether requests are in flight now."""
+        """:param busy: whether requests are in flight now or arrived since it was last asked."""
         self.clock = clock
         self.busy = busy
         self._last = 0.0

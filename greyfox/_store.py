@@ -280,6 +280,11 @@ class Ledger:
         return self._last_id
 
     @property
+    def last_id(self) -> int:
+        """The id given to the latest request (every request gets one as it arrives)."""
+        return self._last_id
+
+    @property
     def pending(self) -> int:
         """Rows not yet committed (queued or being written)."""
         return self._recorded - self._committed

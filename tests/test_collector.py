@@ -5,9 +5,13 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from greyfox._collector import FULL_PASS_INTERVAL, FULL_PASS_MAX_WAIT, FullCollections
+
+from .conftest import post_json
+from .test_proxy import CHAT
 
 
 class Node:
@@ -64,3 +68,16 @@ def test_under_unbroken_load_the_pass_waits_but_not_forever():
         assert gone() is None  # the first idle moment
     finally:
         service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_hits_keep_the_proxy_busy_for_the_collector(start_proxy, http):
+    proxy = await start_proxy()
+    busy = proxy.service._busy  # what the service gives FullCollections
+    busy()
+    assert not busy()  # nothing since the last look
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert busy() and not busy()
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]  # answered at once: never in flight
+    assert busy()

@@ -13,7 +13,7 @@ import gc
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
@@ -75,6 +75,11 @@ class _Listener(Service):
         return None
 
 
+def in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """``f(*args)`` in the reactor's thread pool: work that must not hold up the reactor."""
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
 class Encodings:
     """Tokenizers, loaded once, in a thread, the first time they are needed.
 
@@ -93,8 +98,7 @@ class Encodings:
 
     def load(self) -> defer.Deferred[None]:
         if self._loading is None:
-            reactor = self._reactor
-            d = deferToThreadPool(reactor, reactor.getThreadPool(), load_encodings, self._cache_dir)
+            d = in_thread(self._reactor, load_encodings, self._cache_dir)
 
             def loaded(encodings: dict[str, Any]) -> None:
                 self._loaded = encodings
@@ -176,7 +180,7 @@ class GreyFoxService(MultiService):
             self.quotas,
             encoding_for=self.encodings.for_model,
             on_settle=self._settled,
-            run_in_thread=lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args),
+            run_in_thread=lambda f, *args: in_thread(reactor, f, *args),
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
@@ -197,8 +201,7 @@ class GreyFoxService(MultiService):
     def _load_web(self) -> None:
         if self._web.called:
             return
-        reactor = self.reactor
-        importing = deferToThreadPool(reactor, reactor.getThreadPool(), importlib.import_module, "greyfox._app")
+        importing = in_thread(self.reactor, importlib.import_module, "greyfox._app")
         importing.addCallback(
             lambda app: app.GreyFoxApp(self.proxy, self.api, self.metrics, self.settings.admin_token).resource()
         ).chainDeferred(self._web)

@@ -71,7 +71,6 @@ _DONE = Failure(ResponseDone())
 
 
 @lru_cache(maxsize=1024)  # a proxy calls the same few URLs over and over
-@lru_cache(maxsize=1024)  # (the same few URLs, request after request; bounded: paths come from clients)
 def split_url(url: bytes) -> tuple[Origin, bytes]:
     """``https://h:1/p?q`` -> ((b"https", b"h", 1), b"/p?q")."""
     parsed = httptools.parse_url(url)

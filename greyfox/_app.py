@@ -1,10 +1,9 @@
 # -*- test-case-name: tests.test_proxy -*-
 """The console, admin API, health and metrics: every Klein route lives here and only here.
 
-The service imports this module on the first request that is not for
-``/v1`` (Klein and Werkzeug are ~0.12 s of start-up and 4.6 MB of memory a
-proxy that is only ever relayed through does not need); ``/v1`` itself is
-``_v1``.  Routes are thin: they call :class:`~greyfox._proxy.Proxy` or
+The service imports this module in a thread once the reactor runs, not
+before its port opens (Klein and Werkzeug take ~0.12 s to import);
+``/v1`` itself is ``_v1``.  Routes are thin: they call :class:`~greyfox._proxy.Proxy` or
 :class:`~greyfox._api.Api` and turn results or :class:`ApiError` into
 responses.  Keeping Klein to this module means it could be swapped for plain
 ``twisted.web.resource`` without touching the logic.

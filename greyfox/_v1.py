@@ -3,7 +3,7 @@
 
 No Klein here: ``/v1`` is served by ``_server.Channel`` (or, on a connection
 twisted.web serves, by :class:`ProxyResource`), and the Klein app for the
-rest is loaded only when first asked for (``_app``).
+rest (``_app``) is imported in a thread after start.
 """
 
 from __future__ import annotations

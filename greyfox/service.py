@@ -188,6 +188,7 @@ class GreyFoxService(MultiService):
         # The console, API, health and metrics (Klein) load in a thread once the
         # reactor runs: not on the way to the first relayed request.
         self._web: defer.Deferred[Any] = defer.Deferred()
+        self._web_loading = False
         self.site = QuietSite(WhenLoaded(self._web), max_body=settings.max_body_bytes, v1=ProxyResource(self.proxy))
         self.site.displayTracebacks = False
         # /v1 on GreyFox's own HTTP/1.1 protocol; everything else on twisted.web.
@@ -199,8 +200,9 @@ class GreyFoxService(MultiService):
         FullCollections(reactor, busy=self._busy).setServiceParent(self)
 
     def _load_web(self) -> None:
-        if self._web.called:
+        if self._web_loading:  # (a restarted service keeps what it loaded, or is loading)
             return
+        self._web_loading = True
         importing = in_thread(self.reactor, importlib.import_module, "greyfox._app")
         importing.addCallback(
             lambda app: app.GreyFoxApp(self.proxy, self.api, self.metrics, self.settings.admin_token).resource()

@@ -125,7 +125,7 @@ class Flight:
         leader = self.leader
         self._forwarding = None
         self.response = response
-        content_type = (response.headers.getRawHeaders(b"content-type", [b""])[0] or b"").lower()
+        content_type = (response.headers.first(b"content-type") or b"").lower()
         self._content_type = content_type.decode("latin-1")
         if content_type.startswith(b"text/event-stream"):
             # (counts a stream's text as it passes, when it must; see StreamMeter)

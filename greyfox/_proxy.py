@@ -302,10 +302,8 @@ class Proxy:
         """Pick the upstream; rewrite the body for it (prefix removed, usage asked for)."""
         s = self.settings
         doc = call.doc
-        model = doc.get("model") if doc is not None else None
-        call.route = resolve(model if isinstance(model, str) else None, s.upstreams, s.default_upstream)
-        if call.route.model is not None:
-            call.model = call.route.model
+        call.route = resolve(call.model, s.upstreams, s.default_upstream)  # (parse set it from the body)
+        call.model = call.route.model
         if doc is None:
             return
         changed = False

@@ -159,11 +159,12 @@ class V1Request:
         if not headers.hasHeader(b"date"):  # a relayed answer keeps the upstream's
             lines += (b"Date: ", channel.factory.date(), b"\r\n")
         lines.append(encode_fields(headers.getAllRawHeaders()))
+        has_body = self.method != b"HEAD" and self.code not in (204, 304)
         length = headers.first(b"content-length")
         if length is not None:
-            if self.method != b"HEAD" and self.code not in (204, 304) and length.isdigit():
+            if has_body and length.isdigit():
                 self._unsent = int(length)
-        elif self.method != b"HEAD" and self.code not in (204, 304):
+        elif has_body:
             if self.clientproto == b"HTTP/1.1":
                 self._chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")

@@ -55,15 +55,6 @@ def parse_usage(usage: Any) -> Usage | None:
     return Usage(prompt, completion, min(cached, prompt))
 
 
-def usage_from_body(body: bytes) -> Usage | None:
-    """The usage of a complete JSON response body, if it has one."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return usage_of(doc)
-
-
 def usage_of(doc: Any) -> Usage | None:
     """The usage of a parsed JSON response (chat, completions, embeddings or responses), if it has one."""
     if not isinstance(doc, dict):

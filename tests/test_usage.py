@@ -4,7 +4,8 @@ import json
 
 from greyfox._sse import Event
 from greyfox._tokens import IncrementalCounter
-from greyfox._usage import StreamMeter, Usage, is_usage_only, parse_usage, usage_from_body
+from greyfox._flight import _json_of
+from greyfox._usage import StreamMeter, Usage, is_usage_only, parse_usage, usage_of
 
 
 def test_usage_shapes():
@@ -17,9 +18,10 @@ def test_usage_shapes():
 
 
 def test_usage_from_bodies():
-    assert usage_from_body(json.dumps({"object": "response", "usage": {"input_tokens": 1, "output_tokens": 2}}).encode()) == Usage(1, 2)
-    assert usage_from_body(b"not json") is None
-    assert usage_from_body(b"[]") is None
+    # (as the flight reads a kept answer: parsed once, then its usage taken)
+    assert usage_of(_json_of(json.dumps({"object": "response", "usage": {"input_tokens": 1, "output_tokens": 2}}).encode())) == Usage(1, 2)
+    assert usage_of(_json_of(b"not json")) is None
+    assert usage_of(_json_of(b"[]")) is None
 
 
 def chunk(doc):

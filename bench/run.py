@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY_CPU, LOAD_CPU = "0", "1"
@@ -104,6 +104,13 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
+    """``run()``'s figures, and the CPU (ms) process ``pid`` spent per request meanwhile."""
+    cpu0 = proc_cpu(pid)
+    result = run()
+    return result, (proc_cpu(pid) - cpu0) * 1000 / max(1, result["requests"])
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -313,9 +320,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
 
         for c in (1, 16, 64):
             d = wrk(direct, c, secs, unique)
-            cpu0 = proc_cpu(gf.proc.pid)
-            p = wrk(proxied, c, secs, unique)
-            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            p, cpu_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, c, secs, unique))
             figures[f"relay_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
             rows.append([f"relay, cache miss, c={c}", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                          f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
@@ -328,9 +333,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         with open(think, "w") as f_:
             f_.write(THINK_LUA)
         d = wrk(direct, 16, secs, think)
-        cpu0 = proc_cpu(gf.proc.pid)
-        p = wrk(proxied, 16, secs, think)
-        cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+        p, cpu_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, 16, secs, think))
         figures["relay_think_c16"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
         rows.append([f"relay, c=16, upstream answering in {THINK_MS} ms", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                      f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
@@ -349,9 +352,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
             turns: dict[str, list[tuple[dict[str, Any], float]]] = {"floor": [], "greyfox": []}
             for who in ("floor", "greyfox", "greyfox", "floor"):
                 pid, url = (floor.pid, floor_url) if who == "floor" else (gf.proc.pid, proxied)
-                cpu0 = proc_cpu(pid)
-                t = wrk(url, 16, secs, unique)
-                turns[who].append((t, (proc_cpu(pid) - cpu0) * 1000 / max(1, t["requests"])))
+                turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
         finally:
             floor.terminate()
             floor.wait()
@@ -367,9 +368,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         post(proxied, FIXED_BODY)  # warm the cache entry
         for c in (16, 64):
             d = wrk(direct, c, secs, fixed)
-            cpu0 = proc_cpu(gf.proc.pid)
-            p = wrk(proxied, c, secs, fixed)
-            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            p, cpu_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, c, secs, fixed))
             relay = figures[f"relay_c{c}"]["proxy"]["rps"]
             figures[f"hits_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms, "vs_relay": p["rps"] / relay}
             rows.append([f"cache hits, c={c}", f"{d['rps']:.0f} req/s (upstream)", f"{p['rps']:.0f} req/s",
@@ -377,9 +376,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
 
         for c in (1, 16):
             d = streams(up_port, c, n_streams)
-            cpu0 = proc_cpu(gf.proc.pid)
-            p = streams(gf.port, c, n_streams)
-            cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+            p, cpu_ms = with_cpu(gf.proc.pid, lambda: streams(gf.port, c, n_streams))
             figures[f"stream_c{c}"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
             rows.append([f"stream ({d['chunks']} chunks), c={c}",
                          f"TTFB {d['ttfb_p50']:.2f} ms, total {d['total_p50']:.2f} ms, {d['chunks_per_s']:.0f} chunks/s",
@@ -389,9 +386,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
 
         # As a model streams: the first event alone, the rest 5 ms later.
         d = streams(up_port, 1, n_streams, "paced")
-        cpu0 = proc_cpu(gf.proc.pid)
-        p = streams(gf.port, 1, n_streams, "paced")
-        cpu_ms = (proc_cpu(gf.proc.pid) - cpu0) * 1000 / max(1, p["requests"])
+        p, cpu_ms = with_cpu(gf.proc.pid, lambda: streams(gf.port, 1, n_streams, "paced"))
         figures["stream_paced_c1"] = {"direct": d, "proxy": p, "cpu_ms_per_request": cpu_ms}
         rows.append(["stream, first event alone (as a model sends), c=1",
                      f"TTFB {d['ttfb_p50']:.2f} ms, total {d['total_p50']:.2f} ms",
@@ -420,9 +415,8 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         turns: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
         for _ in range(2):
             for name, target in (("off", nl), ("on", on), ("on", on), ("off", nl)):
-                cpu0 = proc_cpu(target.proc.pid)
-                r = wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique)
-                turns[name].append((r["rps"], (proc_cpu(target.proc.pid) - cpu0) * 1000 / max(1, r["requests"])))
+                r, cpu_ms = with_cpu(target.proc.pid, lambda: wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique))
+                turns[name].append((r["rps"], cpu_ms))
         off_rps, on_rps = (sum(t[0] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))
         off_cpu, on_cpu = (sum(t[1] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))
         figures["ledger_cost"] = {"ledger_off_rps": off_rps, "ledger_on_rps": on_rps,

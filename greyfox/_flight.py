@@ -22,7 +22,7 @@ from . import _json
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
-from ._routing import response_headers
+from ._routing import returned_fields
 from ._tokens import THREADED_COUNT_BYTES, IncrementalCounter, estimate_prompt_tokens
 from ._upstream import ResponseFailed
 from ._usage import StreamMeter, Usage, usage_of
@@ -192,7 +192,7 @@ class Flight:
         call.status = response.code
         request = sub.request
         request.setResponseCode(response.code)
-        for name, values in response_headers(response.headers.getAllRawHeaders()):
+        for name, values in returned_fields(response.headers.fields):
             request.responseHeaders.setRawHeaders(name, values)
         if self._meter is None:  # relayed byte for byte: the upstream's length holds (none after gzip)
             length = response.headers.first(b"content-length")

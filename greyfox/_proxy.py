@@ -28,7 +28,7 @@ from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
-from ._routing import Route, bearer, request_headers, resolve, upstream_authorization, upstream_url
+from ._routing import Route, bearer, forwarded_fields, request_headers, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
@@ -247,7 +247,8 @@ class Proxy:
     def parse(self, call: Call, request: IRequest) -> None:
         """Check credentials and the body; nothing reaches the upstream before this passes."""
         headers = request.requestHeaders
-        call.forward_headers = request_headers(headers.getAllRawHeaders())
+        fields = getattr(headers, "fields", None)  # (GreyFox's RawHeaders; twisted.web's Headers has none)
+        call.forward_headers = forwarded_fields(fields) if fields is not None else request_headers(headers.getAllRawHeaders())
         call.client_authorization = _first(headers, b"authorization")
         if self.settings.client_token is not None:
             token = bearer(call.client_authorization)

@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 import attr
 
 from ._config import Upstream
+from ._wire import Fields, add_field
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the relay re-frames itself:
 # the upstream client decodes gzip and de-chunks, the server re-frames the response.
@@ -59,37 +60,51 @@ def resolve(model: str | None, upstreams: Mapping[str, Upstream], default: str) 
     return Route(upstreams[default], model)
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, list[bytes]]]) -> set[bytes]:
-    named = set()
+#: What never goes upstream, and what never comes back, by lower-cased name.
+_NOT_SENT = HOP_BY_HOP | _NOT_FORWARDED
+_NOT_RETURNED = HOP_BY_HOP | _NOT_RELAYED
+
+
+def _named_by_connection(fields: Fields) -> frozenset[bytes]:
+    """The fields a ``Connection`` header names as hop-by-hop."""
+    field = fields.get(b"connection")
+    if field is None:
+        return frozenset()
+    return frozenset(t.strip().lower() for value in field[1] for t in value.split(b",") if t.strip())
+
+
+def forwarded_fields(fields: Fields) -> list[tuple[bytes, list[bytes]]]:
+    """The client's headers as they may go upstream (no hop-by-hop, no credentials)."""
+    drop = _NOT_SENT
+    if b"connection" in fields:
+        drop = drop | _named_by_connection(fields)
+    return [field for lower, field in fields.items() if lower not in drop and not lower.startswith(b"x-greyfox-")]
+
+
+def returned_fields(fields: Fields) -> list[tuple[bytes, list[bytes]]]:
+    """The upstream's response headers as they may go to the client."""
+    drop = _NOT_RETURNED
+    if b"connection" in fields:
+        drop = drop | _named_by_connection(fields)
+    return [field for lower, field in fields.items() if lower not in drop]
+
+
+def _as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
+    fields: Fields = {}
     for name, values in headers:
-        if name.lower() == b"connection":
-            for value in values:
-                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return named
+        for value in values:
+            add_field(fields, name, value)
+    return fields
 
 
 def request_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
-    """The client's headers as they may go upstream (no hop-by-hop, no credentials)."""
-    headers = list(headers)
-    drop = _connection_tokens(headers)
-    out = []
-    for name, values in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in _NOT_FORWARDED or lower in drop or lower.startswith(b"x-greyfox-"):
-            continue
-        out.append((name, values))
-    return out
+    """:func:`forwarded_fields` of ``(name, values)`` pairs (twisted.web's ``Headers``)."""
+    return forwarded_fields(_as_fields(headers))
 
 
 def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
-    """The upstream's response headers as they may go to the client."""
-    headers = list(headers)
-    drop = _connection_tokens(headers)
-    return [
-        (name, values)
-        for name, values in headers
-        if name.lower() not in HOP_BY_HOP and name.lower() not in _NOT_RELAYED and name.lower() not in drop
-    ]
+    """:func:`returned_fields` of ``(name, values)`` pairs."""
+    return returned_fields(_as_fields(headers))
 
 
 def upstream_authorization(upstream: Upstream, client_authorization: bytes | None, client_token_set: bool) -> bytes | None:

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import ApiError
-from ._wire import HttpDate, RawHeaders, encode_fields, status_line
+from ._wire import Fields, HttpDate, RawHeaders, encode_fields, status_line
 
 log = Logger()
 
@@ -241,7 +241,8 @@ class Channel(Protocol):
 
     def _new_message(self) -> None:
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._fields: Fields = {}  # (filled as they arrive: see RawHeaders)
+        self._n_fields = 0
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
@@ -322,17 +323,21 @@ class Channel(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._count_head(len(name) + len(value))
-        if len(self._headers) > MAX_HEADERS:
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
             raise _TooLarge()
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD_BYTES:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # (add_field inlined: this runs for every field of every request)
+        fields, key = self._fields, name.lower()
+        field = fields.get(key)
+        if field is None:
+            fields[key] = (name, [value])
+        else:
+            field[1].append(value)
+        self._n_fields += 1
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES or self._n_fields > MAX_HEADERS:
             raise _TooLarge()
 
     def on_headers_complete(self) -> None:
@@ -342,10 +347,10 @@ class Channel(Protocol):
             self._bridging = self._bridged_message = True
             self._bridge_head(parser.get_method(), parser.get_http_version())
             return
-        if parser.get_http_version() == "1.1" and self._current is None and not self._queue:
-            for name, value in self._headers:
-                if name.lower() == b"expect" and value.lower() == b"100-continue":
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        expect = self._fields.get(b"expect")
+        if expect is not None and parser.get_http_version() == "1.1" and self._current is None and not self._queue:
+            if any(value.lower() == b"100-continue" for value in expect[1]):
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:
         if self._bridged_message:
@@ -369,7 +374,7 @@ class Channel(Protocol):
             parser.get_method(),
             self._url,
             parser.get_http_version().encode("ascii"),
-            RawHeaders(self._headers),
+            RawHeaders(fields=self._fields),
             b"".join(self._body),
             self._too_large,
             self._keep_alive,
@@ -443,15 +448,10 @@ class Channel(Protocol):
     # -- the bridge to twisted.web --
 
     def _bridge_head(self, method: bytes, version: str) -> None:
-        fields = []
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                self._bridge_chunked = True
-                continue
-            fields.append((name, [value]))
+        self._bridge_chunked = b"transfer-encoding" in self._fields
+        fields = [field for lower, field in self._fields.items() if lower != b"transfer-encoding"]
         if self._bridge_chunked:
-            fields = [(n, v) for n, v in fields if n.lower() != b"content-length"]
+            fields = [field for field in fields if field[0].lower() != b"content-length"]
             fields.append((b"Transfer-Encoding", [b"chunked"]))
         self._bridge_write(b"%s %s HTTP/%s\r\n%s\r\n" % (method, self._url, version.encode("ascii"), encode_fields(fields)))
 

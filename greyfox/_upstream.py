@@ -28,7 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._wire import RawHeaders, encode_fields
+from ._wire import Fields, RawHeaders, add_field, encode_fields
 
 log = Logger()
 
@@ -169,7 +169,7 @@ class _Connection(Protocol):
     def _start(self, waiting: Deferred[UpstreamResponse] | None, head_only: bool) -> None:
         self._waiting = waiting
         self._head_only = head_only
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._fields: Fields = {}
         self._response: UpstreamResponse | None = None  # until its body ended
         self._close_delimited = False
         self._gunzip: Any = None
@@ -224,15 +224,15 @@ class _Connection(Protocol):
             self._deliver()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        add_field(self._fields, name, value)
 
     def on_headers_complete(self) -> None:
         code = self._parser.get_status_code()
         if code < 200 or self._aborted:  # 100 Continue, 103 Early Hints: the answer is still to come
-            self._headers = []
+            self._fields = {}
             return
-        headers = RawHeaders(self._headers)
-        self._headers = []
+        headers = RawHeaders(fields=self._fields)
+        self._fields = {}
         encoding = headers.first(b"content-encoding")
         if encoding is not None and encoding.strip().lower() in (b"gzip", b"x-gzip"):
             self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)

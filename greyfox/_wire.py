@@ -16,51 +16,61 @@ from twisted.web.http import RESPONSES
 #: Header values are written as given; these two bytes would split a field.
 _CRLF_FREE = bytes.maketrans(b"\r\n", b"  ")
 
+#: Lower-cased name -> (the name as it came, its values), in arrival order.
+Fields = dict[bytes, tuple[bytes, list[bytes]]]
+
+
+def add_field(fields: Fields, name: bytes, value: bytes) -> None:
+    """One more field, as a parser hands it over."""
+    key = name.lower()
+    field = fields.get(key)
+    if field is None:
+        fields[key] = (name, [value])
+    else:
+        field[1].append(value)
+
 
 class RawHeaders:
     """Header fields as bytes, matched by name without case, kept in arrival order.
 
     The part of ``twisted.web.http_headers.Headers`` the relay uses, without
-    its per-call name normalisation (it showed in the profile).
+    its per-call name normalisation (it showed in the profile).  ``fields``
+    maps each lower-cased name to (the name as it came, its values): the
+    parsers fill it as fields arrive, so no name is lowered twice.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("fields",)
 
-    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        self._fields: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = (), fields: Fields | None = None) -> None:
+        self.fields: Fields = {} if fields is None else fields
         for name, value in pairs:
-            self.addRawHeader(name, value)
+            add_field(self.fields, name, value)
 
     def addRawHeader(self, name: bytes, value: bytes) -> None:
-        key = name.lower()
-        field = self._fields.get(key)
-        if field is None:
-            self._fields[key] = (name, [value])
-        else:
-            field[1].append(value)
+        add_field(self.fields, name, value)
 
     def setRawHeaders(self, name: bytes, values: list[bytes]) -> None:
-        self._fields[name.lower()] = (name, list(values))
+        self.fields[name.lower()] = (name, list(values))
 
     def removeHeader(self, name: bytes) -> None:
-        self._fields.pop(name.lower(), None)
+        self.fields.pop(name.lower(), None)
 
     def hasHeader(self, name: bytes) -> bool:
-        return name.lower() in self._fields
+        return name.lower() in self.fields
 
     def getRawHeaders(self, name: bytes, default: list | None = None) -> list | None:  # type: ignore[type-arg]
-        field = self._fields.get(name.lower())
+        field = self.fields.get(name.lower())
         return default if field is None else field[1]
 
     def first(self, name: bytes) -> bytes | None:
-        field = self._fields.get(name.lower())
+        field = self.fields.get(name.lower())
         return None if field is None else field[1][0]
 
     def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
-        return iter(self._fields.values())
+        return iter(self.fields.values())
 
     def __repr__(self) -> str:
-        return f"RawHeaders({list(self._fields.values())!r})"
+        return f"RawHeaders({list(self.fields.values())!r})"
 
 
 def encode_fields(fields: Iterable[tuple[bytes, list[bytes]]]) -> bytes:

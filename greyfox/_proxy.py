@@ -28,12 +28,13 @@ from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
-from ._routing import Route, bearer, forwarded_fields, request_headers, resolve, upstream_authorization, upstream_url
+from ._routing import Route, as_fields, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._upstream import ResponseFailed, ResponseNeverReceived
 from ._usage import Usage
+from ._wire import Fields
 
 log = Logger()
 
@@ -246,9 +247,8 @@ class Proxy:
 
     def parse(self, call: Call, request: IRequest) -> None:
         """Check credentials and the body; nothing reaches the upstream before this passes."""
-        headers = request.requestHeaders
-        fields = getattr(headers, "fields", None)  # (GreyFox's RawHeaders; twisted.web's Headers has none)
-        call.forward_headers = forwarded_fields(fields) if fields is not None else request_headers(headers.getAllRawHeaders())
+        headers = _fields_of(request)
+        call.forward_headers = forwarded_fields(headers)
         call.client_authorization = _first(headers, b"authorization")
         if self.settings.client_token is not None:
             token = bearer(call.client_authorization)
@@ -324,7 +324,7 @@ class Proxy:
 
     def plan_cache(self, call: Call, request: IRequest) -> None:
         """Decide whether this request may be answered from, or stored in, the cache."""
-        headers = request.requestHeaders
+        headers = _fields_of(request)
         mode = self.settings.mode
         if (_first(headers, b"x-greyfox-mode") or b"").strip().lower() == b"replay":
             mode = "replay"
@@ -347,8 +347,8 @@ class Proxy:
         else:
             call.write_scope, call.read_scopes = SHARED, (SHARED,)
         control = (_first(headers, b"x-greyfox-cache") or b"").strip().lower()
-        cache_control = headers.getRawHeaders(b"cache-control")
-        directives = {d.strip().lower() for v in cache_control for d in v.split(b",")} if cache_control else ()
+        cache_control = headers.get(b"cache-control")
+        directives = {d.strip().lower() for v in cache_control[1] for d in v.split(b",")} if cache_control else ()
         if control == b"bypass":
             call.cache = "BYPASS"
         elif control == b"refresh" or b"no-cache" in directives:
@@ -539,10 +539,18 @@ class Proxy:
         self.on_settle(call, row)
 
 
-def _first(headers: Any, name: bytes) -> bytes | None:
-    """A request header's first value (``RawHeaders`` on GreyFox's server, ``Headers`` on twisted.web's)."""
-    values = headers.getRawHeaders(name)
-    return values[0] if values else None
+def _fields_of(request: IRequest) -> Fields:
+    """The request's header fields by lower-cased name: as GreyFox's server
+    parsed them, or gathered from twisted.web's ``Headers`` (a bridged connection)."""
+    headers = request.requestHeaders
+    fields = getattr(headers, "fields", None)
+    return fields if fields is not None else as_fields(headers.getAllRawHeaders())
+
+
+def _first(fields: Fields, name: bytes) -> bytes | None:
+    """A header's first value; ``name`` in lower case."""
+    field = fields.get(name)
+    return None if field is None else field[1][0]
 
 
 def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:

@@ -89,7 +89,7 @@ def returned_fields(fields: Fields) -> list[tuple[bytes, list[bytes]]]:
     return [field for lower, field in fields.items() if lower not in drop]
 
 
-def _as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
+def as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
     fields: Fields = {}
     for name, values in headers:
         for value in values:
@@ -99,12 +99,12 @@ def _as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
 
 def request_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
     """:func:`forwarded_fields` of ``(name, values)`` pairs (twisted.web's ``Headers``)."""
-    return forwarded_fields(_as_fields(headers))
+    return forwarded_fields(as_fields(headers))
 
 
 def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
     """:func:`returned_fields` of ``(name, values)`` pairs."""
-    return returned_fields(_as_fields(headers))
+    return returned_fields(as_fields(headers))
 
 
 def upstream_authorization(upstream: Upstream, client_authorization: bytes | None, client_token_set: bool) -> bytes | None:

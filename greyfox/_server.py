@@ -109,7 +109,7 @@ class V1Request:
         self.code = code
 
     def setHeader(self, name: bytes, value: bytes) -> None:
-        self.responseHeaders.setRawHeaders(name, [value])
+        self.responseHeaders.fields[name.lower()] = (name, [value])
 
     def getHeader(self, name: bytes) -> bytes | None:
         return self.requestHeaders.first(name)
@@ -136,8 +136,8 @@ class V1Request:
         if self.finished or channel is None:
             return
         if not self.startedWriting:
-            if not self.responseHeaders.hasHeader(b"content-length"):
-                self.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
+            if b"content-length" not in self.responseHeaders.fields:
+                self.setHeader(b"Content-Length", b"0")
             self._write_head(channel)
         elif self._chunked:
             channel.transport.write(b"0\r\n\r\n")
@@ -154,14 +154,15 @@ class V1Request:
 
     def _write_head(self, channel: "Channel") -> None:
         self.startedWriting = True
-        headers = self.responseHeaders
+        fields = self.responseHeaders.fields
         lines = [status_line(self.code)]
-        if not headers.hasHeader(b"date"):  # a relayed answer keeps the upstream's
+        if b"date" not in fields:  # a relayed answer keeps the upstream's
             lines += (b"Date: ", channel.factory.date(), b"\r\n")
-        lines.append(encode_fields(headers.getAllRawHeaders()))
+        lines.append(encode_fields(fields.values()))
         has_body = self.method != b"HEAD" and self.code not in (204, 304)
-        length = headers.first(b"content-length")
+        length = fields.get(b"content-length")
         if length is not None:
+            length = length[1][0]
             if has_body and length.isdigit():
                 self._unsent = int(length)
         elif has_body:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, fail
 
 from . import fakeupstream
-from .conftest import eventually, post_json, sleep, threads_counting
+from .conftest import eventually, in_thread, post_json, sleep, threads_counting
 from .test_proxy import CHAT, hang_up_after
 
 P, C, CACHED = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS, fakeupstream.CACHED_TOKENS
@@ -61,6 +62,33 @@ async def test_exact_upstream_usage_is_recorded(start_proxy, http, path, body, p
     assert row["cache"] == "MISS" and row["model"] == body["model"] and row["error"] is None
     assert 0 < row["ttfb_ms"] <= row["latency_ms"]  # (catches the two swapped in the positional LedgerRow)
     assert row["time"].endswith("+00:00")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_v1_request_on_a_connection_twisted_web_serves_is_metered_the_same(start_proxy, http):
+    """After a console request, /v1 on the same connection is served through
+    twisted.web's Request and Headers (the bridge): same user, same forwarding rules."""
+    proxy = await start_proxy()
+    host, port = proxy.url.split("//")[1].split(":")
+    body = json.dumps(CHAT).encode()
+
+    def exchange() -> bytes:
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"X-App-User-Id: carol\r\nOpenAI-Organization: org-1\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    raw = await in_thread(exchange)
+    assert raw.count(b"HTTP/1.1 200 ") == 2 and b"x-greyfox-cache: miss" in raw.lower()
+    [seen] = proxy.upstream.received
+    assert seen.header("openai-organization") == "org-1" and seen.header("x-app-user-id") is None
+    [row] = await rows(http, proxy)
+    assert row["user"] == "carol" and row["status"] == 200 and row["usage_source"] == "upstream"
 
 
 @pytest_twisted.ensureDeferred

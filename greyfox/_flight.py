@@ -123,6 +123,7 @@ class Flight:
     def _got_response(self, response: Any) -> None:
         proxy = self.proxy
         leader = self.leader
+        watchdog, leader.watchdog = leader.watchdog, None  # (the read timer, for the body to reuse)
         self._forwarding = None
         self.response = response
         content_type = (response.headers.first(b"content-type") or b"").lower()
@@ -143,12 +144,14 @@ class Flight:
                 self._begin(sub, call)
                 self.fanout.add(sub)
         if not self.fanout.subscribers:
+            if watchdog is not None:
+                watchdog.stop()
             response.deliverBody(_Discard())
             self._finish(None, "client disconnected")
             return
-        pump = self._pump = BodyPump(self.fanout, proxy.clock, proxy.settings.stream_idle_timeout)
-        response.deliverBody(pump)
-        pump.done.addBoth(_guarded(self._body_ended, self._body_failed, self._crashed))
+        on_end = _guarded(self._body_ended, self._body_failed, self._crashed)
+        self._pump = BodyPump(self.fanout, proxy.clock, proxy.settings.stream_idle_timeout, on_end, watchdog)
+        response.deliverBody(self._pump)
 
     def _body_ended(self, _: None) -> None:
         assert self.fanout is not None

@@ -30,6 +30,7 @@ from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
 from ._routing import Route, as_fields, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
+from ._relay import Watchdog
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._upstream import ResponseFailed, ResponseNeverReceived
@@ -80,6 +81,8 @@ class Call:
     prompt_estimate: int | None = None  # our count of the prompt, when admission needed one
     #: The model as the upstream knows it (prefix removed), once parsed and routed.
     model: str | None = None
+    #: The upstream call's timer, from the request sent until its body ends (see forward).
+    watchdog: Watchdog | None = None
 
     @property
     def endpoint(self) -> str:
@@ -440,6 +443,8 @@ class Proxy:
 
         Returns the upstream call's Deferred, to cancel it with.  One plain
         callback, not a chain or a coroutine: this runs for every relayed request.
+        With the response, ``call.watchdog`` is left running for the body to
+        time its own silences on (one DelayedCall for the whole call).
         """
         assert call.route is not None
         upstream = call.route.upstream
@@ -455,12 +460,13 @@ class Proxy:
             timed_out.append(True)
             d.cancel()
 
-        timer = self.clock.callLater(self.settings.read_timeout, expire)
+        s = self.settings
+        watchdog = call.watchdog = Watchdog(self.clock, s.read_timeout, expire, look_within=s.stream_idle_timeout)
 
         def answered(result: Any) -> None:
-            if timer.active():
-                timer.cancel()
             if isinstance(result, Failure):
+                call.watchdog = None
+                watchdog.stop()
                 result = Failure(self._forward_error(result.value, upstream.name, bool(timed_out)))
             then(result)
 

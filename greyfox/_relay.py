@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol as TypingProtocol
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -48,38 +48,106 @@ class PumpTarget(TypingProtocol):
     def deliver(self, data: bytes) -> None: ...
 
 
+class Watchdog:
+    """Calls ``expired`` once nothing happened for ``timeout`` seconds, on one DelayedCall.
+
+    An upstream call has two silences to time (no response headers within the
+    read timeout, then no body byte within the idle timeout), and a stream
+    moves many times a second: making a DelayedCall per stage and moving it
+    per chunk showed in the profile.  :meth:`touch` only notes the time; the
+    DelayedCall, when it fires early, arms itself again for what is left.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, timeout: float, expired: Callable[[], None], look_within: float | None = None
+    ) -> None:
+        """:param look_within: the shortest timeout a later stage will set: the
+        first look comes no later than that (moving a DelayedCall sooner
+        costs the reactor a scan of its heap)."""
+        self._clock = clock
+        self._timeout = timeout
+        self._expired = expired
+        self._last = clock.seconds()
+        first = timeout if look_within is None else min(timeout, look_within)
+        self._call: IDelayedCall | None = clock.callLater(first, self._check)
+
+    def touch(self) -> None:
+        """Something happened: the silence starts again from now."""
+        self._last = self._clock.seconds()
+
+    def retarget(self, timeout: float, expired: Callable[[], None]) -> None:
+        """A new stage: from now, ``timeout`` seconds of silence call ``expired``."""
+        self._expired, self._timeout = expired, timeout
+        self._last = now = self._clock.seconds()
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(timeout, self._check)
+        elif now + timeout < call.getTime():
+            call.reset(timeout)
+
+    def stop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _check(self) -> None:
+        self._call = None
+        left = self._last + self._timeout - self._clock.seconds()
+        if left > 0:  # (touched since, or an early look: see look_within)
+            self._call = self._clock.callLater(left, self._check)
+        else:
+            self._expired()
+
+
 @implementer(IPushProducer)
 class BodyPump(Protocol):
     """Reads an upstream body into a target, pausing when the target says so.
 
-    ``done`` fires with ``None`` when the body ended cleanly, errbacks with
-    :class:`StreamIdle` on a stall, :class:`ClientGone` when every client
-    left, or the transport's failure when the upstream dropped.  Cancelling
-    ``done`` aborts the upstream connection at once.
+    ``on_end`` is called once: with ``None`` when the body ended cleanly, or a
+    Failure of :class:`StreamIdle` on a stall, :class:`ClientGone` when every
+    client left, or the transport's failure when the upstream dropped.  A
+    callback rather than a Deferred: this runs for every relayed request.
+
+    :param watchdog: the upstream call's running :class:`Watchdog`, to time
+        the body's silences from here on (else the pump makes its own).
     """
 
-    def __init__(self, target: PumpTarget, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        target: PumpTarget,
+        clock: IReactorTime,
+        idle_timeout: float,
+        on_end: Callable[[Failure | None], None],
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.target = target
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.on_end: Callable[[Failure | None], None] | None = on_end
         self.bytes_in = 0
         self.paused = False
-        self._watchdog: IDelayedCall | None = None
+        self._watchdog = watchdog
         self._stopped = False
         self._stop_reason: Exception | None = None
-        self.done: Deferred[None] = Deferred(canceller=lambda d: self.abort(CancelledError()))
+
+    @property
+    def ended(self) -> bool:
+        return self.on_end is None
 
     # -- upstream side (called by the HTTP client, in the reactor thread) --
 
     def connectionMade(self) -> None:
         self.target.registerProducer(self)
-        self._arm()
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.clock, self.idle_timeout, self._idle)
+        else:
+            self._watchdog.retarget(self.idle_timeout, self._idle)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
             return
         self.bytes_in += len(data)
-        self._arm()
+        self._watchdog.touch()  # type: ignore[union-attr]
         self.target.deliver(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -87,12 +155,10 @@ class BodyPump(Protocol):
         self.target.unregisterProducer()
         if self._stopped:
             self._fire_stop()
-        elif self.done.called:
-            return
         elif reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
+            self._end(None)
         else:
-            self.done.errback(reason)
+            self._end(reason)
 
     # -- client side (IPushProducer, via the fan-out) --
 
@@ -103,16 +169,18 @@ class BodyPump(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self._arm()
+        if self._watchdog is not None:
+            self._watchdog.touch()
         if self.transport is not None:
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         """Every client went away: abort the upstream at once.
 
-        ``done`` fails a tick later: the client's transport stops the producer
-        before the request hears of the disconnection, and the request must
-        learn it is gone first or the cancellation is reported as an error.
+        ``on_end`` hears of it a tick later: the client's transport stops the
+        producer before the request hears of the disconnection, and the
+        request must learn it is gone first or the cancellation is reported
+        as an error.
         """
         self.abort(ClientGone(), fire=False)
         self.clock.callLater(0, self._fire_stop)
@@ -132,23 +200,20 @@ class BodyPump(Protocol):
 
     # -- internals --
 
-    def _fire_stop(self) -> None:
-        if not self.done.called:
-            self.done.errback(Failure(self._stop_reason or ClientGone()))
+    def _end(self, result: Failure | None) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(result)
 
-    def _arm(self) -> None:
-        if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.reset(self.idle_timeout)
-        else:
-            self._watchdog = self.clock.callLater(self.idle_timeout, self._idle)
+    def _fire_stop(self) -> None:
+        self._end(Failure(self._stop_reason or ClientGone()))
 
     def _disarm(self) -> None:
-        if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.cancel()
-        self._watchdog = None
+        watchdog, self._watchdog = self._watchdog, None  # (it holds self._idle: no cycle left behind)
+        if watchdog is not None:
+            watchdog.stop()
 
     def _idle(self) -> None:
-        self._watchdog = None
         self.abort(StreamIdle())
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
+from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber, Watchdog
 from greyfox._tokens import IncrementalCounter
 from greyfox._upstream import ResponseDone
 from greyfox._usage import StreamMeter
@@ -50,6 +50,15 @@ class FakeRequest:
         self.producer = None
 
 
+class Ends(list):  # type: ignore[type-arg]
+    """What a pump's ``on_end`` was called with (a list, to see it is called once)."""
+
+    def failure(self) -> Failure:
+        [failure] = self
+        assert isinstance(failure, Failure)
+        return failure
+
+
 def pipeline(n: int = 2, strip: tuple[bool, ...] = ()) -> tuple[Clock, BodyPump, Fanout, list[tuple[Subscriber, FakeRequest]], FakeTransport]:
     clock = Clock()
     left: list[bool] = []
@@ -61,7 +70,9 @@ def pipeline(n: int = 2, strip: tuple[bool, ...] = ()) -> tuple[Clock, BodyPump,
         sub.on_leave = fanout.leave
         fanout.add(sub)
         subs.append((sub, request))
-    pump = BodyPump(fanout, clock, idle_timeout=30)
+    ends = Ends()
+    pump = BodyPump(fanout, clock, idle_timeout=30, on_end=ends.append)
+    pump.ends = ends  # type: ignore[attr-defined]
     fanout.on_empty = pump.stopProducing
     transport = FakeTransport()
     pump.makeConnection(transport)
@@ -107,11 +118,9 @@ def test_upstream_is_aborted_only_when_the_last_client_leaves():
     assert rb.written == [DELTA] and ra.written == []
     b.done.cancel()  # Klein cancels when its client goes
     assert transport.stopped == 1
+    assert pump.ends == []  # a tick later: the request hears first that its client left
     clock.advance(0)
-    assert pump.done.called
-    failures: list[Failure] = []
-    pump.done.addErrback(failures.append)
-    assert failures[0].check(ClientGone)
+    assert pump.ends.failure().check(ClientGone)
     assert len(gone) == 2  # each client's call ended too
 
 
@@ -120,18 +129,47 @@ def test_a_silent_upstream_is_ended_by_the_watchdog():
     clock.advance(20)
     pump.dataReceived(DELTA)  # data resets the watchdog
     clock.advance(20)
-    assert not pump.done.called
-    clock.advance(11)
-    failures: list[Failure] = []
-    pump.done.addErrback(failures.append)
-    assert failures[0].check(StreamIdle) and transport.stopped == 1
+    assert pump.ends == []
+    clock.advance(9)
+    assert pump.ends == []  # 49 s: 29 s after the last byte
+    clock.advance(2)
+    assert pump.ends.failure().check(StreamIdle) and transport.stopped == 1
+    assert not clock.getDelayedCalls()
+
+
+def test_the_read_timer_goes_on_timing_the_body():
+    """One DelayedCall for the whole upstream call: the read timeout until the
+    headers, then the (shorter) idle timeout from there."""
+    clock = Clock()
+    timed_out: list[str] = []
+    watchdog = Watchdog(clock, 600, lambda: timed_out.append("no headers"), look_within=30)
+    clock.advance(10)  # the response headers came
+    fanout = Fanout(None, keep=1 << 20, on_empty=lambda: None)
+    ends = Ends()
+    pump = BodyPump(fanout, clock, idle_timeout=30, on_end=ends.append, watchdog=watchdog)
+    pump.makeConnection(FakeTransport())
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(29)
+    assert ends == [] and timed_out == []
+    clock.advance(1)
+    assert ends.failure().check(StreamIdle) and timed_out == [] and not clock.getDelayedCalls()
+
+
+def test_the_read_timer_fires_when_no_headers_come():
+    clock = Clock()
+    timed_out: list[str] = []
+    Watchdog(clock, 600, lambda: timed_out.append("no headers"), look_within=300)
+    clock.advance(599)
+    assert timed_out == []
+    clock.advance(1)
+    assert timed_out == ["no headers"] and not clock.getDelayedCalls()
 
 
 def test_a_clean_end_unregisters_and_fires_done():
     clock, pump, fanout, subs, transport = pipeline(1)
     pump.dataReceived(DELTA)
     pump.connectionLost(Failure(ResponseDone()))
-    assert pump.done.called and subs[0][1].producer is None
+    assert pump.ends == [None] and subs[0][1].producer is None
     assert not clock.getDelayedCalls()  # the watchdog is gone too
 
 

@@ -273,11 +273,12 @@ class Cache:
         dropped).  No Deferred per entry: this runs for every relayed answer."""
         if len(data) > MAX_ENTRY_BYTES:
             return
-        old = self._index.pop(entry.id, None)
+        eid = entry.id
+        old = self._index.pop(eid, None)
         if old is not None:
             self.bytes -= old.size
-        self._index[entry.id] = entry
-        self._keep_hot(entry.id, Body(data, entry.stream))
+        self._index[eid] = entry
+        self._keep_hot(eid, Body(data, entry.stream))
         self._writes.append((entry, data))
         if self._write_call is None:
             self._write_call = self._clock.callLater(self.WRITE_DELAY, self._write_batch)

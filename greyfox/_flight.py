@@ -180,7 +180,10 @@ class Flight:
             self._take_usage(code)
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
-            self._after_count(lambda: self._store(self._content_type))
+            if self._counting is None:
+                self._store(self._content_type)
+            else:
+                self._after_count(lambda: self._store(self._content_type))
         self._finish(None, error)
 
     def _crashed(self, failure: Failure) -> None:

@@ -350,7 +350,10 @@ class Fanout:
 
     def body(self) -> bytes | None:
         """Everything received, or ``None`` when it was more than ``keep``."""
-        return None if self.overflowed else b"".join(raw for raw, _ in self.kept)
+        kept = self.kept
+        if self.overflowed:
+            return None
+        return kept[0][0] if len(kept) == 1 else b"".join([raw for raw, _ in kept])
 
     # -- PumpTarget --
 
@@ -385,7 +388,7 @@ class Fanout:
     def _send(self, pieces: list[Piece]) -> None:
         if not self.overflowed:
             self.kept.extend(pieces)
-            self.kept_bytes += sum(len(raw) for raw, _ in pieces)
+            self.kept_bytes += len(pieces[0][0]) if len(pieces) == 1 else sum([len(raw) for raw, _ in pieces])
             if self.kept_bytes > self.keep:
                 if self.meter is not None and not self.meter.eager:
                     self.meter.overflow(raw for raw, _ in self.kept)

@@ -120,16 +120,20 @@ class V1Request:
         channel = self.channel
         if channel is None or self.finished:
             return
+        head = b""
         if not self.startedWriting:
-            self._write_head(channel)
+            head = self._head(channel)
         if not data or self.method == b"HEAD":
+            if head:
+                channel.transport.write(head)
             return
         if self._chunked:
-            channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            channel.transport.write(head + b"%x\r\n%s\r\n" % (len(data), data))
         else:
             if self._unsent is not None:
                 self._unsent -= len(data)
-            channel.transport.write(data)
+            # With the head in one write: a whole JSON answer leaves as one.
+            channel.transport.write(head + data if head else data)
 
     def finish(self) -> None:
         channel = self.channel
@@ -138,7 +142,7 @@ class V1Request:
         if not self.startedWriting:
             if b"content-length" not in self.responseHeaders.fields:
                 self.setHeader(b"Content-Length", b"0")
-            self._write_head(channel)
+            channel.transport.write(self._head(channel))
         elif self._chunked:
             channel.transport.write(b"0\r\n\r\n")
         elif self._unsent:
@@ -152,7 +156,8 @@ class V1Request:
         self._fire(None)
         channel.request_done(self)
 
-    def _write_head(self, channel: "Channel") -> None:
+    def _head(self, channel: "Channel") -> bytes:
+        """The status line and header fields; from now on the response is started."""
         self.startedWriting = True
         fields = self.responseHeaders.fields
         lines = [status_line(self.code)]
@@ -176,7 +181,7 @@ class V1Request:
         elif self.clientproto == b"HTTP/1.0":
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        channel.transport.write(b"".join(lines))
+        return b"".join(lines)
 
     # -- producers and endings --
 

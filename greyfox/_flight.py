@@ -59,7 +59,7 @@ class Flight:
         self._failure: Failure | None = None
         self.usage: Usage | None = None
         self.usage_source = "none"
-        self._forwarding: Deferred[Any] | None = None
+        self._forwarding: Callable[[], None] | None = None  # cancels the upstream call
         self._pump: BodyPump | None = None
         self._to_settle: list["Call"] = []
         self._counting: Deferred[None] | None = None  # our own count of a long answer, in a thread
@@ -96,9 +96,8 @@ class Flight:
 
     def start(self) -> None:
         """Call the upstream.  Callbacks, not a coroutine: this runs for every relayed request."""
-        forwarding = self.proxy.forward(self.leader, _guarded(self._got_response, self._forward_failed, self._crashed))
-        if not forwarding.called:  # (else it is over already: nothing to cancel)
-            self._forwarding = forwarding
+        # (None when it is over already: nothing to cancel)
+        self._forwarding = self.proxy.forward(self.leader, _guarded(self._got_response, self._forward_failed, self._crashed))
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
@@ -298,7 +297,7 @@ class Flight:
         if self.fanout is not None:
             self.fanout.leave(sub)
         elif all(s.gone for s, _ in self.subscribers) and self._forwarding is not None:
-            self._forwarding.cancel()
+            self._forwarding()
 
     def _answered(self) -> None:
         """The stream is complete: finish every client's response now."""

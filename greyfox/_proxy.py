@@ -436,15 +436,15 @@ class Proxy:
         if remaining is not None:
             request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
 
-    def forward(self, call: Call, then: Callable[[Any], None]) -> Deferred[Any]:
+    def forward(self, call: Call, then: Callable[[Any], None]) -> Callable[[], None] | None:
         """Send the request upstream; ``then`` gets the response once its
         headers arrive, or a :class:`Failure` of the :class:`ApiError` the
         client will see (``CancelledError`` when the call was cancelled).
 
-        Returns the upstream call's Deferred, to cancel it with.  One plain
-        callback, not a chain or a coroutine: this runs for every relayed request.
-        With the response, ``call.watchdog`` is left running for the body to
-        time its own silences on (one DelayedCall for the whole call).
+        Returns the function that cancels the call, or ``None`` when ``then``
+        was called already.  Plain callbacks, no Deferred: this runs for every
+        relayed request.  With the response, ``call.watchdog`` is left running
+        for the body to time its own silences on (one DelayedCall for the call).
         """
         assert call.route is not None
         upstream = call.route.upstream
@@ -453,25 +453,26 @@ class Proxy:
         if auth is not None:
             headers = [*headers, (b"Authorization", [auth])]
         url = upstream_url(upstream, call.subpath, call.query)
-        d = self.http.request(call.method.encode("ascii"), url, headers, call.body or None)
         timed_out: list[bool] = []
+        answered_now: list[bool] = []
 
         def expire() -> None:
             timed_out.append(True)
-            d.cancel()
+            cancel()
 
         s = self.settings
         watchdog = call.watchdog = Watchdog(self.clock, s.read_timeout, expire, look_within=s.stream_idle_timeout)
 
         def answered(result: Any) -> None:
+            answered_now.append(True)
             if isinstance(result, Failure):
                 call.watchdog = None
                 watchdog.stop()
                 result = Failure(self._forward_error(result.value, upstream.name, bool(timed_out)))
             then(result)
 
-        d.addBoth(answered)
-        return d
+        cancel = self.http.send(call.method.encode("ascii"), url, headers, call.body or None, answered)
+        return None if answered_now else cancel
 
     def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
         """What a client is told when its upstream call failed before the response headers."""

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import httptools
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -40,6 +40,8 @@ MAX_IDLE_PER_ORIGIN = 32
 MAX_IDLE_SECONDS = 50.0
 
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
+#: Told of an upstream call's response once its headers came, or of its Failure.
+Then = Callable[[Any], None]
 
 
 # How a body ends, as its protocol's connectionLost hears it: the same names
@@ -166,8 +168,8 @@ class _Connection(Protocol):
         self._parser: Any = None
         self._start(None, False)
 
-    def _start(self, waiting: Deferred[UpstreamResponse] | None, head_only: bool) -> None:
-        self._waiting = waiting
+    def _start(self, then: Then | None, head_only: bool) -> None:
+        self._then = then  # told of the response, or of the failure before it
         self._head_only = head_only
         self._fields: Fields = {}
         self._response: UpstreamResponse | None = None  # until its body ended
@@ -183,14 +185,20 @@ class _Connection(Protocol):
         self.connected = True
         self._parser = httptools.HttpResponseParser(self)
 
-    def send(self, head: bytes, body: bytes | None, head_only: bool) -> Deferred[UpstreamResponse]:
-        d: Deferred[UpstreamResponse] = Deferred(canceller=lambda d: self.abort())
-        self._start(d, head_only)
+    def send(self, head: bytes, body: bytes | None, head_only: bool, then: Then) -> None:
+        self._start(then, head_only)
         if body and len(body) >= 65536:
             self.transport.writeSequence([head, body])
         else:
             self.transport.write(head + body if body else head)
-        return d
+
+    def cancel(self, then: Then) -> None:
+        """Cancel the call ``then`` waits on, if it still waits (the connection
+        may carry another call by now: that one is left alone)."""
+        if self._then is then:
+            self._then = None
+            self.abort()
+            then(Failure(CancelledError()))
 
     def pause(self) -> None:
         if not self._paused and self.connected:
@@ -244,7 +252,7 @@ class _Connection(Protocol):
             and code not in (204, 304)
         )
         response = UpstreamResponse(self, code, headers)
-        waiting, self._waiting = self._waiting, None
+        then, self._then = self._then, None
         if self._head_only:
             # llhttp cannot know the answer to a HEAD has no body: end it here
             # and close the connection rather than misread what follows.
@@ -253,8 +261,8 @@ class _Connection(Protocol):
             response._end(_DONE)
         else:
             self._response = response
-        if waiting is not None:
-            waiting.callback(response)
+        if then is not None:
+            then(response)
 
     def on_body(self, data: bytes) -> None:
         response = self._response
@@ -317,11 +325,10 @@ class _Connection(Protocol):
         self.pool._forget(self)
         if reason is None or reason.check(ConnectionDone):
             reason = Failure(ConnectionLost("the upstream closed the connection"))
-        waiting, self._waiting = self._waiting, None
+        then, self._then = self._then, None
         response, self._response = self._response, None
-        if waiting is not None:
-            if not waiting.called:
-                waiting.errback(ResponseNeverReceived([reason]))
+        if then is not None:
+            then(Failure(ResponseNeverReceived([reason])))
         elif response is not None:
             if self._close_delimited and not self._aborted:
                 self._response = response
@@ -361,6 +368,25 @@ class UpstreamClient:
         self, method: bytes, url: bytes, headers: Iterable[tuple[bytes, list[bytes]]], body: bytes | None
     ) -> Deferred[UpstreamResponse]:
         """Fires with the response once its headers arrived; cancelling it aborts the call."""
+
+        def settle(result: Any) -> None:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        d: Deferred[UpstreamResponse] = Deferred(canceller=lambda d: cancel())
+        cancel = self.send(method, url, headers, body, settle)
+        return d
+
+    def send(
+        self, method: bytes, url: bytes, headers: Iterable[tuple[bytes, list[bytes]]], body: bytes | None, then: Then
+    ) -> Callable[[], None]:
+        """:meth:`request` without a Deferred (the relay's form: it runs for every
+        request): ``then`` gets the response once its headers arrived, or a
+        Failure (``CancelledError`` when cancelled).  Returns the function
+        that cancels the call; it does nothing once ``then`` was called.
+        """
         origin, target = split_url(url)
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sAccept-Encoding: gzip\r\n" % (
             method, target, host_header(origin), encode_fields(headers)
@@ -374,34 +400,28 @@ class UpstreamClient:
         while idle:
             conn = idle.pop()
             if conn.connected and now - conn.idle_since < MAX_IDLE_SECONDS:
-                return conn.send(head, body, head_only)
+                conn.send(head, body, head_only, then)
+                return lambda: conn.cancel(then)
             conn.abort()
-        return self._connect(origin, head, body, head_only)
+        return self._connect(origin, head, body, head_only, then)
 
-    def _connect(self, origin: Origin, head: bytes, body: bytes | None, head_only: bool) -> Deferred[UpstreamResponse]:
+    def _connect(self, origin: Origin, head: bytes, body: bytes | None, head_only: bool, then: Then) -> Callable[[], None]:
         connecting = self._endpoint(origin).connect(_ConnectionFactory(self, origin))
-        sent: list[Deferred[UpstreamResponse]] = []
+        sent: list[_Connection] = []
 
-        def cancel(d: Deferred[UpstreamResponse]) -> None:
+        def cancel() -> None:
             if sent:
-                sent[0].cancel()
-            else:
-                connecting.cancel()
-
-        result: Deferred[UpstreamResponse] = Deferred(canceller=cancel)
+                sent[0].cancel(then)
+            elif not connecting.called:
+                connecting.cancel()  # (failed() tells then)
 
         def connected(conn: _Connection) -> None:
             _no_delay(conn.transport)
-            d = conn.send(head, body, head_only)
-            sent.append(d)
-            d.addCallbacks(result.callback, result.errback)
+            sent.append(conn)
+            conn.send(head, body, head_only, then)
 
-        def failed(f: Failure) -> None:
-            if not result.called:
-                result.errback(f)
-
-        connecting.addCallbacks(connected, failed)
-        return result
+        connecting.addCallbacks(connected, then)
+        return cancel
 
     def _endpoint(self, origin: Origin) -> Any:
         endpoint = self._endpoints.get(origin)

@@ -425,11 +425,15 @@ async def test_a_chunked_upload_over_the_limit_is_refused_with_413(start_proxy, 
 
 @pytest_twisted.ensureDeferred
 async def test_an_instant_upstream_failure_is_a_502_not_a_hang(start_proxy, http, observe_errors):
-    from twisted.internet.defer import fail
+    from twisted.python.failure import Failure
     from twisted.web.error import SchemeNotSupported
 
     proxy = await start_proxy()
-    proxy.service.proxy.http.request = lambda *args: fail(SchemeNotSupported("gopher"))
+
+    def send(*args: Any) -> None:
+        args[-1](Failure(SchemeNotSupported("gopher")))  # told at once, before send returns
+
+    proxy.service.proxy.http.send = send
     d = Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", CHAT))
     response, body = await _wait(d, 5)
     assert response.code == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"

@@ -287,3 +287,31 @@ async def test_https_upstreams_are_verified() -> None:
         await trusting.close()
         await platform.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_calls_cancel_leaves_the_next_call_on_its_connection_alone(serve: Any) -> None:
+    """``send`` hands back a cancel function; the pooled connection goes on to
+    carry other calls, which an old call's cancel must not touch."""
+    start, client = serve
+    factory, base = start(ok(b"{}"))
+    told: list[Any] = []
+    cancel_first = client.send(b"POST", base + b"/v1/x", [], b"{}", told.append)
+    await eventually_true(lambda: len(told) == 1)
+    first = told[0]
+    collect = Collect()
+    first.deliverBody(collect)
+    await collect.ended
+    second = client.request(b"POST", base + b"/v1/x", [], b"{}")
+    cancel_first()  # too late for the first call: a no-op, not the second call's end
+    second.addTimeout(5, reactor)
+    response = await second
+    assert response.code == 200 and factory.connections == 1 and len(told) == 1
+
+
+async def eventually_true(check: Any) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await sleep(0.01)
+    raise AssertionError("not in time")

@@ -272,10 +272,12 @@ class Proxy:
             request, "body_too_large", False
         ):
             raise errors.too_large(limit)
-        content = request.content
-        if content is not None:
-            content.seek(0)
-            call.body = content.read(limit + 1)
+        body = getattr(request, "body", None)  # (GreyFox's server: the bytes as parsed)
+        if body is not None:
+            call.body = body
+        elif request.content is not None:  # twisted.web's
+            request.content.seek(0)
+            call.body = request.content.read(limit + 1)
         if len(call.body) > limit:
             raise errors.too_large(limit)
 

@@ -88,7 +88,8 @@ class V1Request:
         self.clientproto = b"HTTP/" + version
         self.requestHeaders = headers
         self.responseHeaders = RawHeaders()
-        self.content = BytesIO(body)
+        self.body = body  # (``content`` is made from it only if asked for: the proxy reads this)
+        self._content: BytesIO | None = None
         self.body_too_large = too_large
         self.keep_alive = keep_alive
         self.code = 200
@@ -102,6 +103,13 @@ class V1Request:
         #: complete: what ``notifyFinish().addErrback`` gives, without a Deferred
         #: for every request.
         self.on_lost: Callable[[Failure], None] | None = None
+
+    @property
+    def content(self) -> BytesIO:
+        """The body as a file, as ``IRequest`` has it."""
+        if self._content is None:
+            self._content = BytesIO(self.body)
+        return self._content
 
     # -- what the handler sets --
 

@@ -30,7 +30,7 @@ from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
 from ._routing import Route, as_fields, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
-from ._relay import Watchdog
+from ._watchdog import Watchdog
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._upstream import ResponseFailed, ResponseNeverReceived

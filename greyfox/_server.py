@@ -24,12 +24,13 @@ from typing import Any, Callable
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import ApiError
+from ._watchdog import Watchdog
 from ._wire import Fields, HttpDate, RawHeaders, encode_fields, status_line
 
 log = Logger()
@@ -249,8 +250,7 @@ class Channel(Protocol):
         self._queue: deque[V1Request] = deque()
         self._paused = False
         self._closing = False
-        self._timer: IDelayedCall | None = None
-        self._idle_since = 0.0
+        self._watchdog: Watchdog | None = None  # the idle timeout, from connectionMade
         self._new_message()
 
     def _new_message(self) -> None:
@@ -272,8 +272,8 @@ class Channel(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._mode == _FAST:
-            if self._current is None:
-                self._idle_since = self.factory.clock.seconds()  # a request is arriving
+            if self._current is None and self._watchdog is not None:
+                self._watchdog.touch()  # a request is arriving
             self._feed(data)
         elif self._mode == _SITE:
             self._site.dataReceived(data)
@@ -488,28 +488,24 @@ class Channel(Protocol):
     def _idle(self) -> None:
         """No request in progress from now: close the connection if that lasts.
 
-        One timer per connection, re-armed only when it fires: resetting a
-        DelayedCall for every request showed in the profile.
+        One DelayedCall per connection (a Watchdog), re-armed only when it
+        fires: resetting a DelayedCall for every request showed in the profile.
         """
-        self._idle_since = self.factory.clock.seconds()
-        if self._timer is None:
-            self._timer = self.factory.clock.callLater(IDLE_TIMEOUT, self._timed_out)
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.factory.clock, IDLE_TIMEOUT, self._timed_out)
+        else:
+            self._watchdog.touch()
 
     def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        watchdog, self._watchdog = self._watchdog, None  # (it holds self._timed_out: no cycle left behind)
+        if watchdog is not None:
+            watchdog.stop()
 
     def _timed_out(self) -> None:
-        self._timer = None
         if self._mode == _SITE or self._closing:
             return
         if self._current is not None or self._queue:  # busy: look again later
-            self._timer = self.factory.clock.callLater(IDLE_TIMEOUT, self._timed_out)
-            return
-        left = self._idle_since + IDLE_TIMEOUT - self.factory.clock.seconds()
-        if left > 0:
-            self._timer = self.factory.clock.callLater(left, self._timed_out)
+            self._watchdog.retarget(IDLE_TIMEOUT, self._timed_out)  # type: ignore[union-attr]
             return
         self.transport.loseConnection()
 

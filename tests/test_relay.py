@@ -7,7 +7,8 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber, Watchdog
+from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
+from greyfox._watchdog import Watchdog
 from greyfox._tokens import IncrementalCounter
 from greyfox._upstream import ResponseDone
 from greyfox._usage import StreamMeter

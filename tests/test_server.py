@@ -231,6 +231,20 @@ def test_idle_connection_times_out() -> None:
     assert h.transport.disconnecting
 
 
+def test_a_busy_connection_is_not_timed_out_and_the_idle_time_counts_from_its_answer() -> None:
+    h = Harness(hold=True)
+    h.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.clock.advance(IDLE_TIMEOUT + 1)  # the answer takes its time
+    assert not h.transport.disconnecting
+    [request] = h.held
+    request.write(b"models")
+    request.finish()
+    h.clock.advance(IDLE_TIMEOUT - 1)
+    assert not h.transport.disconnecting
+    h.clock.advance(2)
+    assert h.transport.disconnecting and not h.clock.getDelayedCalls()
+
+
 @pytest.mark.parametrize("method", [b"HEAD"])
 def test_head_has_no_body(method: bytes) -> None:
     h = Harness()

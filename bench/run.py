@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY_CPU, LOAD_CPU = "0", "1"
@@ -111,6 +112,23 @@ def with_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any
     cpu0 = proc_cpu(pid)
     result = run()
     return result, (proc_cpu(pid) - cpu0) * 1000 / max(1, result["requests"])
+
+
+@contextlib.contextmanager
+def frozen(*pids: int) -> Iterator[None]:
+    """Stop these processes (SIGSTOP) for the length of a turn of another one.
+
+    In turns, the process not measured is idle, and an idle GreyFox runs its
+    timers and full collections (its heap holds the cache index) on the same
+    core as the one measured; frozen, it leaves the core to the turn.
+    """
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -352,7 +370,8 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
             turns: dict[str, list[tuple[dict[str, Any], float]]] = {"floor": [], "greyfox": []}
             for who in ("floor", "greyfox", "greyfox", "floor"):
                 pid, url = (floor.pid, floor_url) if who == "floor" else (gf.proc.pid, proxied)
-                turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
+                with frozen(gf.proc.pid if who == "floor" else floor.pid):
+                    turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
         finally:
             floor.terminate()
             floor.wait()
@@ -404,7 +423,8 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
 
     # The ledger's cost: the same relay with recording switched off (benchmark only).
     # Both processes run side by side and are measured in turns (off, on, on, off, twice),
-    # so that the machine's drift, often ±20 % within a minute here, falls on both alike.
+    # so that the machine's drift, often ±20 % within a minute here, falls on both alike;
+    # the one not measured is frozen meanwhile (see frozen()).
     nl = GreyFox(up_port, workdir, [sys.executable, os.path.join(HERE, "noledger.py")])
     on = GreyFox(up_port, workdir)
     try:
@@ -415,7 +435,8 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         turns: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
         for _ in range(2):
             for name, target in (("off", nl), ("on", on), ("on", on), ("off", nl)):
-                r, cpu_ms = with_cpu(target.proc.pid, lambda: wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique))
+                with frozen((on if target is nl else nl).proc.pid):
+                    r, cpu_ms = with_cpu(target.proc.pid, lambda: wrk(target.url + "/v1/chat/completions", 16, max(1, secs // 2), unique))
                 turns[name].append((r["rps"], cpu_ms))
         off_rps, on_rps = (sum(t[0] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))
         off_cpu, on_cpu = (sum(t[1] for t in turns[k]) / len(turns[k]) for k in ("off", "on"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import threading
 from importlib import resources
 from typing import Any, Iterable
 
@@ -152,6 +153,56 @@ def count_text(enc: Any | None, text: str) -> int:
     return len(enc.encode_ordinary(text))
 
 
+class KnownCounts:
+    """Token counts of long prompt texts already seen, oldest forgotten first.
+
+    An agent resends its whole conversation on every turn: without this,
+    admission tokenized all of it again each time (quadratic in the
+    conversation's length; ~0.3 µs a token).  A text shorter than
+    ``MIN_CHARS`` is counted afresh (hashing and storing it would cost about
+    as much); the texts kept come to at most ``max_chars`` characters.
+    Thread-safe: large prompts are counted in the reactor's thread pool.
+    """
+
+    MIN_CHARS = 512
+
+    def __init__(self, max_chars: int = 4_000_000) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self._counts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, enc: Any | None, text: str) -> int:
+        if enc is None:
+            return rough_count(text)
+        if len(text) < self.MIN_CHARS:
+            return len(enc.encode_ordinary(text))
+        key = (enc.name, text)
+        known = self._counts.get(key)
+        if known is not None:
+            return known
+        n = len(enc.encode_ordinary(text))  # (outside the lock: tiktoken releases the GIL)
+        if len(text) <= self.max_chars:
+            with self._lock:
+                if key not in self._counts:
+                    self._counts[key] = n
+                    self.chars += len(text)
+                    while self.chars > self.max_chars:
+                        (_, old), _ = _oldest(self._counts)
+                        self.chars -= len(old)
+        return n
+
+
+def _oldest(counts: dict[tuple[str, str], int]) -> tuple[tuple[str, str], int]:
+    """Remove and return the entry stored first (dicts keep insertion order)."""
+    key = next(iter(counts))
+    return key, counts.pop(key)
+
+
+#: The process's memory of prompt texts (see KnownCounts).
+known_counts = KnownCounts()
+
+
 def _content_text(content: Any) -> Iterable[str]:
     """Text parts of a message ``content`` (a string or a list of parts)."""
     if isinstance(content, str):
@@ -168,12 +219,15 @@ def _content_text(content: Any) -> Iterable[str]:
                     yield from _content_text(part["content"])
 
 
-def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any]) -> int:
+def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any], known: KnownCounts | None = None) -> int:
     """Prompt tokens of a request body, counted locally.
 
     Chat messages use OpenAI's published accounting (3 tokens a message plus
-    3 to prime the reply); images and audio are not counted.
+    3 to prime the reply); images and audio are not counted.  Long texts
+    seen before are not tokenized again (``known``: the process's
+    :data:`known_counts` by default).
     """
+    count = (known or known_counts).count
     total = 0
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -181,7 +235,7 @@ def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any]) -> int:
             total += 3
             if isinstance(message, dict):
                 for text in _content_text(message.get("content")):
-                    total += count_text(enc, text)
+                    total += count(enc, text)
                 if isinstance(message.get("name"), str):
                     total += 1
                 calls = message.get("tool_calls")
@@ -190,16 +244,16 @@ def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any]) -> int:
                         fn = call.get("function", {}) if isinstance(call, dict) else {}
                         for key in ("name", "arguments"):
                             if isinstance(fn.get(key), str):
-                                total += count_text(enc, fn[key])
+                                total += count(enc, fn[key])
         total += 3
     for key in ("prompt", "input", "instructions"):
         value = body.get(key)
         if isinstance(value, str):
-            total += count_text(enc, value)
+            total += count(enc, value)
         elif isinstance(value, list):
             for item in value:
                 if isinstance(item, str):
-                    total += count_text(enc, item)
+                    total += count(enc, item)
                 elif isinstance(item, list):  # pre-tokenized input
                     total += len(item) if all(isinstance(t, int) for t in item) else 0
                 elif isinstance(item, int):
@@ -207,12 +261,12 @@ def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any]) -> int:
                 elif isinstance(item, dict):
                     total += 3
                     for text in _content_text(item.get("content")):
-                        total += count_text(enc, text)
+                        total += count(enc, text)
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         import json
 
-        total += count_text(enc, json.dumps(tools, separators=(",", ":")))
+        total += count(enc, json.dumps(tools, separators=(",", ":")))
     return total
 
 

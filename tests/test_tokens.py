@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from greyfox._tokens import IncrementalCounter, encoding_name_for, estimate_prompt_tokens, load_encodings
+from greyfox._tokens import IncrementalCounter, KnownCounts, encoding_name_for, estimate_prompt_tokens, load_encodings
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
 
@@ -81,3 +81,46 @@ def test_prompt_estimate_for_chat_matches_openai_accounting(encodings):
     expected = 3 + len(enc.encode_ordinary("Be brief.")) + 3 + len(enc.encode_ordinary("Hello there")) + 3
     assert estimate_prompt_tokens(enc, body) == expected
     assert estimate_prompt_tokens(enc, {"input": ["a b", "c"]}) == len(enc.encode_ordinary("a b")) + 1
+
+
+class Spy:
+    """An encoding that records what it was asked to encode."""
+
+    def __init__(self, enc):
+        self.enc, self.name, self.encoded = enc, enc.name, []
+
+    def encode_ordinary(self, text):
+        self.encoded.append(text)
+        return self.enc.encode_ordinary(text)
+
+
+def test_an_agent_conversation_resent_each_turn_is_tokenized_once_per_message(encodings):
+    enc = encodings["o200k_base"]
+    with open(CORPUS, encoding="utf-8") as f:
+        corpus = f.read()
+    turns = [f"Turn {i}. {corpus}" for i in range(4)]  # long messages (~2,800 characters), as agents send
+    spy, known = Spy(enc), KnownCounts()
+    messages = []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        body = {"model": "gpt-4o", "messages": list(messages)}
+        fresh = estimate_prompt_tokens(enc, body, known=KnownCounts(max_chars=0))  # nothing remembered
+        assert estimate_prompt_tokens(spy, body, known=known) == fresh
+    assert spy.encoded == turns  # each message once, not 1 + 2 + 3 + 4 times
+
+
+def test_remembered_texts_are_bounded_and_the_oldest_go_first(encodings):
+    enc = encodings["cl100k_base"]
+    spy, known = Spy(enc), KnownCounts(max_chars=2000)
+    texts = [("%d " % i) * 400 for i in range(3)]  # 800 characters each: the third pushes the first out
+    for text in texts:
+        known.count(spy, text)
+    assert known.chars <= 2000
+    spy.encoded.clear()
+    assert known.count(spy, texts[2]) == len(enc.encode_ordinary(texts[2])) and spy.encoded == []  # still known
+    known.count(spy, texts[0])
+    assert spy.encoded == [texts[0]]  # forgotten: counted again
+    short = "short text"
+    known.count(spy, short)
+    known.count(spy, short)
+    assert spy.encoded.count(short) == 2  # short texts are not kept

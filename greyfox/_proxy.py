@@ -28,14 +28,14 @@ from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
-from ._routing import Route, as_fields, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
+from ._routing import Route, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._watchdog import Watchdog
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._upstream import ResponseFailed, ResponseNeverReceived
 from ._usage import Usage
-from ._wire import Fields
+from ._wire import Fields, as_fields, first_value
 
 log = Logger()
 
@@ -252,12 +252,12 @@ class Proxy:
         """Check credentials and the body; nothing reaches the upstream before this passes."""
         headers = _fields_of(request)
         call.forward_headers = forwarded_fields(headers)
-        call.client_authorization = _first(headers, b"authorization")
+        call.client_authorization = first_value(headers, b"authorization")
         if self.settings.client_token is not None:
             token = bearer(call.client_authorization)
             if token is None or not _same(token, self.settings.client_token.encode()):
                 raise errors.unauthorized()
-        user = _first(headers, b"x-app-user-id")
+        user = first_value(headers, b"x-app-user-id")
         if user is not None:
             user_text = user.decode("utf-8", "replace")
             if not valid_user(user_text):
@@ -267,7 +267,7 @@ class Proxy:
             call.user = user_text
 
         limit = self.settings.max_body_bytes
-        declared = _first(headers, b"content-length")
+        declared = first_value(headers, b"content-length")
         if (declared is not None and declared.isdigit() and int(declared) > limit) or getattr(
             request, "body_too_large", False
         ):
@@ -281,7 +281,7 @@ class Proxy:
         if len(call.body) > limit:
             raise errors.too_large(limit)
 
-        content_type = (_first(headers, b"content-type") or b"").decode("latin-1")
+        content_type = (first_value(headers, b"content-type") or b"").decode("latin-1")
         is_json = _is_json(content_type)
         needs_json = call.method == "POST" and call.subpath in JSON_ENDPOINTS
         if needs_json and not is_json:
@@ -331,7 +331,7 @@ class Proxy:
         """Decide whether this request may be answered from, or stored in, the cache."""
         headers = _fields_of(request)
         mode = self.settings.mode
-        if (_first(headers, b"x-greyfox-mode") or b"").strip().lower() == b"replay":
+        if (first_value(headers, b"x-greyfox-mode") or b"").strip().lower() == b"replay":
             mode = "replay"
         call.replay = mode == "replay"
         cacheable = call.method == "POST" and call.subpath in JSON_ENDPOINTS and call.doc is not None
@@ -351,7 +351,7 @@ class Proxy:
             call.read_scopes = (call.write_scope, SHARED)
         else:
             call.write_scope, call.read_scopes = SHARED, (SHARED,)
-        control = (_first(headers, b"x-greyfox-cache") or b"").strip().lower()
+        control = (first_value(headers, b"x-greyfox-cache") or b"").strip().lower()
         cache_control = headers.get(b"cache-control")
         directives = {d.strip().lower() for v in cache_control[1] for d in v.split(b",")} if cache_control else ()
         if control == b"bypass":
@@ -554,12 +554,6 @@ def _fields_of(request: IRequest) -> Fields:
     headers = request.requestHeaders
     fields = getattr(headers, "fields", None)
     return fields if fields is not None else as_fields(headers.getAllRawHeaders())
-
-
-def _first(fields: Fields, name: bytes) -> bytes | None:
-    """A header's first value; ``name`` in lower case."""
-    field = fields.get(name)
-    return None if field is None else field[1][0]
 
 
 def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:

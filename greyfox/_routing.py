@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import attr
 
 from ._config import Upstream
-from ._wire import Fields, add_field
+from ._wire import Fields
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the relay re-frames itself:
 # the upstream client decodes gzip and de-chunks, the server re-frames the response.
@@ -87,24 +87,6 @@ def returned_fields(fields: Fields) -> list[tuple[bytes, list[bytes]]]:
     if b"connection" in fields:
         drop = drop | _named_by_connection(fields)
     return [field for lower, field in fields.items() if lower not in drop]
-
-
-def as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
-    fields: Fields = {}
-    for name, values in headers:
-        for value in values:
-            add_field(fields, name, value)
-    return fields
-
-
-def request_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
-    """:func:`forwarded_fields` of ``(name, values)`` pairs (twisted.web's ``Headers``)."""
-    return forwarded_fields(as_fields(headers))
-
-
-def response_headers(headers: Iterable[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
-    """:func:`returned_fields` of ``(name, values)`` pairs."""
-    return returned_fields(as_fields(headers))
 
 
 def upstream_authorization(upstream: Upstream, client_authorization: bytes | None, client_token_set: bool) -> bytes | None:

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from ._errors import ApiError
 from ._watchdog import Watchdog
-from ._wire import Fields, HttpDate, RawHeaders, encode_fields, status_line
+from ._wire import Fields, HttpDate, RawHeaders, encode_fields, first_value, status_line
 
 log = Logger()
 
@@ -174,9 +174,8 @@ class V1Request:
             lines += (b"Date: ", channel.factory.date(), b"\r\n")
         lines.append(encode_fields(fields.values()))
         has_body = self.method != b"HEAD" and self.code not in (204, 304)
-        length = fields.get(b"content-length")
+        length = first_value(fields, b"content-length")
         if length is not None:
-            length = length[1][0]
             if has_body and length.isdigit():
                 self._unsent = int(length)
         elif has_body:
@@ -463,9 +462,9 @@ class Channel(Protocol):
 
     def _bridge_head(self, method: bytes, version: str) -> None:
         self._bridge_chunked = b"transfer-encoding" in self._fields
-        fields = [field for lower, field in self._fields.items() if lower != b"transfer-encoding"]
+        drop = (b"transfer-encoding", b"content-length") if self._bridge_chunked else (b"transfer-encoding",)
+        fields = [field for lower, field in self._fields.items() if lower not in drop]
         if self._bridge_chunked:
-            fields = [field for field in fields if field[0].lower() != b"content-length"]
             fields.append((b"Transfer-Encoding", [b"chunked"]))
         self._bridge_write(b"%s %s HTTP/%s\r\n%s\r\n" % (method, self._url, version.encode("ascii"), encode_fields(fields)))
 

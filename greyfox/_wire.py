@@ -30,6 +30,21 @@ def add_field(fields: Fields, name: bytes, value: bytes) -> None:
         field[1].append(value)
 
 
+def first_value(fields: Fields, lower: bytes) -> bytes | None:
+    """A field's first value; ``lower``: its name in lower case."""
+    field = fields.get(lower)
+    return None if field is None else field[1][0]
+
+
+def as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
+    """``(name, values)`` pairs (twisted.web's ``Headers``) as :data:`Fields`."""
+    fields: Fields = {}
+    for name, values in headers:
+        for value in values:
+            add_field(fields, name, value)
+    return fields
+
+
 class RawHeaders:
     """Header fields as bytes, matched by name without case, kept in arrival order.
 
@@ -63,8 +78,7 @@ class RawHeaders:
         return default if field is None else field[1]
 
     def first(self, name: bytes) -> bytes | None:
-        field = self.fields.get(name.lower())
-        return None if field is None else field[1][0]
+        return first_value(self.fields, name.lower())
 
     def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
         return iter(self.fields.values())

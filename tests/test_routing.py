@@ -1,7 +1,8 @@
 """Routing and header rules, without a reactor."""
 
 from greyfox._config import Upstream
-from greyfox._routing import request_headers, resolve, response_headers, upstream_authorization, upstream_url
+from greyfox._routing import forwarded_fields, resolve, returned_fields, upstream_authorization, upstream_url
+from greyfox._wire import as_fields
 
 UPSTREAMS = {
     "openai": Upstream("openai", "https://api.openai.com/v1", "sk-o"),
@@ -27,7 +28,7 @@ def test_unknown_prefix_and_plain_names_go_to_the_default():
 
 def test_hop_by_hop_credentials_and_connection_named_headers_are_not_forwarded():
     out = dict(
-        request_headers(
+        forwarded_fields(as_fields(
             [
                 (b"Connection", [b"keep-alive, X-Secret-Hop"]),
                 (b"X-Secret-Hop", [b"1"]),
@@ -42,14 +43,14 @@ def test_hop_by_hop_credentials_and_connection_named_headers_are_not_forwarded()
                 (b"OpenAI-Organization", [b"org-1"]),
                 (b"Content-Type", [b"application/json"]),
             ]
-        )
+        ))
     )
     assert out == {b"OpenAI-Organization": [b"org-1"], b"Content-Type": [b"application/json"]}
 
 
 def test_response_headers_drop_framing_and_cookies():
     out = dict(
-        response_headers(
+        returned_fields(as_fields(
             [
                 (b"Content-Length", [b"5"]),
                 (b"Content-Encoding", [b"gzip"]),
@@ -57,7 +58,7 @@ def test_response_headers_drop_framing_and_cookies():
                 (b"x-request-id", [b"req_1"]),
                 (b"openai-processing-ms", [b"12"]),
             ]
-        )
+        ))
     )
     assert out == {b"x-request-id": [b"req_1"], b"openai-processing-ms": [b"12"]}
 

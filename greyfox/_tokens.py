@@ -173,10 +173,8 @@ class KnownCounts:
         self._lock = threading.Lock()
 
     def count(self, enc: Any | None, text: str) -> int:
-        if enc is None:
-            return rough_count(text)
-        if len(text) < self.MIN_CHARS:
-            return len(enc.encode_ordinary(text))
+        if enc is None or len(text) < self.MIN_CHARS:
+            return count_text(enc, text)
         key = (enc.name, text)
         known = self._counts.get(key)
         if known is not None:
@@ -188,15 +186,10 @@ class KnownCounts:
                     self._counts[key] = n
                     self.chars += len(text)
                     while self.chars > self.max_chars:
-                        (_, old), _ = _oldest(self._counts)
-                        self.chars -= len(old)
+                        oldest = next(iter(self._counts))  # (dicts keep insertion order)
+                        del self._counts[oldest]
+                        self.chars -= len(oldest[1])
         return n
-
-
-def _oldest(counts: dict[tuple[str, str], int]) -> tuple[tuple[str, str], int]:
-    """Remove and return the entry stored first (dicts keep insertion order)."""
-    key = next(iter(counts))
-    return key, counts.pop(key)
 
 
 #: The process's memory of prompt texts (see KnownCounts).

@@ -179,10 +179,7 @@ class Flight:
             self._take_usage(code)
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
-            if self._counting is None:
-                self._store(self._content_type)
-            else:
-                self._after_count(lambda: self._store(self._content_type))
+            self._after_count(self._store, self._content_type)
         self._finish(None, error)
 
     def _crashed(self, failure: Failure) -> None:
@@ -260,12 +257,12 @@ class Flight:
         self._counting = None
         log.failure("request {id}: counting the answer failed; recorded without usage", failure, id=self.leader.id)
 
-    def _after_count(self, f: Callable[[], None]) -> None:
-        """Run ``f`` now, or once our own count of the answer is done."""
+    def _after_count(self, f: Callable[..., None], *args: Any) -> None:
+        """Run ``f(*args)`` now, or once our own count of the answer is done."""
         if self._counting is None:
-            f()
+            f(*args)
         else:
-            self._counting.addCallback(lambda _: f()).addErrback(self._crashed_late)
+            self._counting.addCallback(lambda _: f(*args)).addErrback(self._crashed_late)
 
     def _crashed_late(self, failure: Failure) -> None:
         log.failure("request {id}: settling failed", failure, id=self.leader.id)

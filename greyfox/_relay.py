@@ -80,10 +80,6 @@ class BodyPump(Protocol):
         self._stopped = False
         self._stop_reason: Exception | None = None
 
-    @property
-    def ended(self) -> bool:
-        return self.on_end is None
-
     # -- upstream side (called by the HTTP client, in the reactor thread) --
 
     def connectionMade(self) -> None:
@@ -300,9 +296,9 @@ class Fanout:
 
     def body(self) -> bytes | None:
         """Everything received, or ``None`` when it was more than ``keep``."""
-        kept = self.kept
         if self.overflowed:
             return None
+        kept = self.kept
         return kept[0][0] if len(kept) == 1 else b"".join([raw for raw, _ in kept])
 
     # -- PumpTarget --

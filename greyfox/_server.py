@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import ApiError
+from ._transport import write_now
 from ._watchdog import Watchdog
 from ._wire import Fields, HttpDate, RawHeaders, encode_fields, first_value, status_line
 
@@ -134,15 +135,15 @@ class V1Request:
             head = self._head(channel)
         if not data or self.method == b"HEAD":
             if head:
-                channel.transport.write(head)
+                write_now(channel.transport, head)
             return
         if self._chunked:
-            channel.transport.write(head + b"%x\r\n%s\r\n" % (len(data), data))
+            write_now(channel.transport, head + b"%x\r\n%s\r\n" % (len(data), data))
         else:
             if self._unsent is not None:
                 self._unsent -= len(data)
             # With the head in one write: a whole JSON answer leaves as one.
-            channel.transport.write(head + data if head else data)
+            write_now(channel.transport, head + data if head else data)
 
     def finish(self) -> None:
         channel = self.channel
@@ -151,9 +152,9 @@ class V1Request:
         if not self.startedWriting:
             if b"content-length" not in self.responseHeaders.fields:
                 self.setHeader(b"Content-Length", b"0")
-            channel.transport.write(self._head(channel))
+            write_now(channel.transport, self._head(channel))
         elif self._chunked:
-            channel.transport.write(b"0\r\n\r\n")
+            write_now(channel.transport, b"0\r\n\r\n")
         elif self._unsent:
             # Shorter than its Content-Length (the upstream broke off): close,
             # so that the client sees a truncated response rather than waiting.

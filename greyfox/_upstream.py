@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._transport import write_now
 from ._wire import Fields, RawHeaders, add_field, encode_fields
 
 log = Logger()
@@ -190,7 +191,7 @@ class _Connection(Protocol):
         if body and len(body) >= 65536:
             self.transport.writeSequence([head, body])
         else:
-            self.transport.write(head + body if body else head)
+            write_now(self.transport, head + body if body else head)
 
     def cancel(self, then: Then) -> None:
         """Cancel the call ``then`` waits on, if it still waits (the connection

@@ -131,6 +131,20 @@ def frozen(*pids: int) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
+@contextlib.contextmanager
+def floor_relay(up_port: int, work_us: float = 0.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """bench/floor.py on the proxy's CPU: the process and its chat completions URL."""
+    port = free_port()
+    cmd = [sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port), f"{work_us:.0f}"]
+    proc = subprocess.Popen(pinned(PROXY_CPU, cmd))
+    try:
+        wait_port(port)
+        yield proc, f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -356,25 +370,38 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         rows.append([f"relay, c=16, upstream answering in {THINK_MS} ms", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                      f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                      f"{cpu_ms:.3f} ms"])
+        think_direct, think_cpu_ms = d, cpu_ms
 
         # The floor: the same relay with no GreyFox code (bench/floor.py), measured
         # in turns with GreyFox (floor, GreyFox, GreyFox, floor), so that both see
         # the same machine phase: this machine's speed drifts by a third within
         # minutes, and the ratio of the two is the steadiest figure there is.
-        floor_port = free_port()
-        floor = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, os.path.join(HERE, "floor.py"), str(floor_port), str(up_port)]))
-        try:
-            wait_port(floor_port)
-            floor_url = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+        with floor_relay(up_port) as (floor, floor_url):
             wrk(floor_url, 16, 1, unique)  # warm its pool
             turns: dict[str, list[tuple[dict[str, Any], float]]] = {"floor": [], "greyfox": []}
             for who in ("floor", "greyfox", "greyfox", "floor"):
                 pid, url = (floor.pid, floor_url) if who == "floor" else (gf.proc.pid, proxied)
                 with frozen(gf.proc.pid if who == "floor" else floor.pid):
                     turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
-        finally:
-            floor.terminate()
-            floor.wait()
+            with frozen(gf.proc.pid):
+                alone, alone_ms = with_cpu(floor.pid, lambda: wrk(floor_url, 16, secs, think))
+        # The model-like tail, controlled: the same load through the floor, alone
+        # and then made to compute GreyFox's extra CPU per request as plain Python.
+        # A tail that comes with the floor's fixed work is this machine's answer
+        # to that much CPU a request (its speed drops for tens of ms at a time),
+        # not a stall of GreyFox's own; only less CPU a request shortens it.
+        work_us = max(0.0, (think_cpu_ms - alone_ms) * 1000)
+        with floor_relay(up_port, work_us) as (worker, worker_url):
+            wrk(worker_url, 16, 1, think)  # warm its pool
+            with frozen(gf.proc.pid):
+                busy, busy_ms = with_cpu(worker.pid, lambda: wrk(worker_url, 16, secs, think))
+        td = think_direct
+        figures["relay_think_c16_control"] = {"floor": alone, "floor_cpu_ms": alone_ms, "work_us": work_us,
+                                              "floor_with_work": busy, "floor_with_work_cpu_ms": busy_ms}
+        rows.append([f"  same load: floor alone; floor + {work_us:.0f} us of fixed work a request", "",
+                     f"{alone['rps']:.0f}; {busy['rps']:.0f} req/s", "",
+                     f"p99 +{alone['p99'] - td['p99']:.2f} ms; p99 +{busy['p99'] - td['p99']:.2f} ms",
+                     f"{alone_ms:.3f}; {busy_ms:.3f} ms"])
         floor_ms = sum(ms for _, ms in turns["floor"]) / 2
         gf_ms = sum(ms for _, ms in turns["greyfox"]) / 2
         f = turns["floor"][-1][0]

@@ -6,7 +6,7 @@ fake upstream and the load drivers on CPU 1.  GreyFox runs as users run it:
 ``twistd -n greyfox`` with its ledger and quota stages on (a daily token limit
 set, the loop breaker at its default).
 
-    python bench/run.py            # full run (about two minutes)
+    python bench/run.py            # full run (about four minutes)
     python bench/run.py --smoke    # seconds: proves the benchmark still works
 
 Load drivers: ``wrk`` (Debian's package; C, so it costs the shared core far

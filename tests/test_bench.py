@@ -25,3 +25,11 @@ def test_in_process_harness_still_serves_its_requests(kind):
     result = subprocess.run([sys.executable, harness, kind, "50"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]  # (it checks the responses are MISS or HIT)
     assert result.stdout.startswith(f"{kind}: ")
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None and not os.environ.get("CI"), reason="needs valgrind (apt-get install valgrind)")
+def test_daemon_instruction_count_still_runs():
+    counter = os.path.join(os.path.dirname(BENCH), "daemon_count.py")
+    result = subprocess.run([sys.executable, counter, "--n1", "2", "--n2", "4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]  # (it checks every answer is a 200)
+    assert result.stdout.startswith("GreyFox: ") and "instructions a relayed request" in result.stdout

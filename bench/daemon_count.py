@@ -21,19 +21,21 @@ run: expect about ±3 % between runs, far less than a timed run moves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
+from urllib.parse import urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run import PROXY_CPU, GreyFox, free_port, pinned, post, wait_http, wait_port  # noqa: E402
+from run import GreyFox, fake_upstream, floor_relay, post, wait_http  # noqa: E402
 
 
 def _send(sock: socket.socket, n: int) -> None:
@@ -55,24 +57,30 @@ def _send(sock: socket.socket, n: int) -> None:
                 return
 
 
+@contextlib.contextmanager
+def _counted(valgrind: list[str], floor: bool, up_port: int, workdir: str) -> Iterator[int]:
+    """GreyFox (or the floor) under ``valgrind``, ready: its port; stopped on
+    leaving, so that valgrind writes its counts."""
+    if floor:
+        with floor_relay(up_port, prefix=valgrind, timeout=120) as (_, url):
+            yield urlsplit(url).port  # type: ignore[misc]
+        return
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    gf = GreyFox(up_port, workdir, [*valgrind, twistd, "-n", "--pidfile=", "--logfile=" + os.path.join(workdir, "twistd.log"), "greyfox"])
+    try:
+        wait_http(gf.url + "/healthz", timeout=120)
+        yield gf.port
+    finally:
+        gf.proc.terminate()
+        gf.proc.wait(timeout=120)  # (valgrind takes its time to exit)
+
+
 def count(n: int, floor: bool, fresh: bool) -> int:
     """Total instructions of one process that served ``n`` requests (plus a warm-up)."""
     workdir = tempfile.mkdtemp(prefix="greyfox-count-")
     out = os.path.join(workdir, "cachegrind.out")
     valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}"]
-    up_port = free_port()
-    upstream = subprocess.Popen([sys.executable, os.path.join(HERE, "upstream.py"), str(up_port)], stdout=subprocess.PIPE)
-    assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"ready"
-    try:
-        if floor:
-            port = free_port()
-            proc = subprocess.Popen(pinned(PROXY_CPU, [*valgrind, sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port)]))
-            wait_port(port, timeout=120)
-        else:
-            twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-            gf = GreyFox(up_port, workdir, [*valgrind, twistd, "-n", "--pidfile=", "--logfile=" + os.path.join(workdir, "twistd.log"), "greyfox"])
-            proc, port = gf.proc, gf.port
-            wait_http(gf.url + "/healthz", timeout=120)
+    with fake_upstream() as up_port, _counted(valgrind, floor, up_port, workdir) as port:
         for i in range(3):  # warm: pooled upstream connection, tokenizer, first code paths
             post(f"http://127.0.0.1:{port}/v1/chat/completions", '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"warm %d"}]}' % i)
         sock = socket.create_connection(("127.0.0.1", port))
@@ -83,11 +91,6 @@ def count(n: int, floor: bool, fresh: bool) -> int:
             _send(sock, i)
         sock.close()
         time.sleep(0.5)  # the last batches written
-        proc.terminate()
-        proc.wait(timeout=120)
-    finally:
-        upstream.terminate()
-        upstream.wait()
     with open(out) as f:
         for line in f:
             if line.startswith("summary:"):

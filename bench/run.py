@@ -132,13 +132,30 @@ def frozen(*pids: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def floor_relay(up_port: int, work_us: float = 0.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """bench/floor.py on the proxy's CPU: the process and its chat completions URL."""
+def fake_upstream() -> Iterator[int]:
+    """bench/upstream.py on the load's CPU, ready: its port."""
     port = free_port()
-    cmd = [sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port), f"{work_us:.0f}"]
+    proc = subprocess.Popen(pinned(LOAD_CPU, [sys.executable, os.path.join(HERE, "upstream.py"), str(port)]),
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def floor_relay(
+    up_port: int, work_us: float = 0.0, prefix: list[str] | None = None, timeout: float = 20
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """bench/floor.py on the proxy's CPU (under ``prefix``, e.g. valgrind):
+    the process and its chat completions URL; stopped, and waited for, on leaving."""
+    port = free_port()
+    cmd = [*(prefix or []), sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port), f"{work_us:.0f}"]
     proc = subprocess.Popen(pinned(PROXY_CPU, cmd))
     try:
-        wait_port(port)
+        wait_port(port, timeout)
         yield proc, f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
         proc.terminate()
@@ -306,19 +323,12 @@ def main() -> int:
     n_streams = 20 if args.smoke else 300
     big_mib = 5 if args.smoke else 100
     workdir = tempfile.mkdtemp(prefix="greyfox-bench-")
-    up_port = free_port()
-    upstream = subprocess.Popen(pinned(LOAD_CPU, [sys.executable, os.path.join(HERE, "upstream.py"), str(up_port)]),
-                                stdout=subprocess.PIPE)
-    assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"ready"
     unique, fixed = os.path.join(workdir, "unique.lua"), os.path.join(workdir, "fixed.lua")
     open(unique, "w").write(UNIQUE_LUA)
     open(fixed, "w").write(FIXED_LUA)
-    direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
-    try:
+    with fake_upstream() as up_port:
+        direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         figures, rows = run_all(up_port, workdir, unique, fixed, direct, secs, n_streams, big_mib)
-    finally:
-        upstream.terminate()
-        upstream.wait()
     print(table(rows))
     print(f"\ndefaults: start to first served request {figures['default_start_to_first_request_s'] * 1000:.0f} ms, "
           f"idle RSS {figures['default_idle_rss_mb']:.1f} MB")

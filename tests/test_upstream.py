@@ -23,7 +23,7 @@ from greyfox._upstream import (
     split_url,
 )
 
-from .conftest import sleep
+from .conftest import eventually, sleep
 
 Script = Callable[["Server", bytes], None]
 
@@ -297,7 +297,7 @@ async def test_a_finished_calls_cancel_leaves_the_next_call_on_its_connection_al
     factory, base = start(ok(b"{}"))
     told: list[Any] = []
     cancel_first = client.send(b"POST", base + b"/v1/x", [], b"{}", told.append)
-    await eventually_true(lambda: len(told) == 1)
+    await eventually(lambda: len(told) == 1)
     first = told[0]
     collect = Collect()
     first.deliverBody(collect)
@@ -307,11 +307,3 @@ async def test_a_finished_calls_cancel_leaves_the_next_call_on_its_connection_al
     second.addTimeout(5, reactor)
     response = await second
     assert response.code == 200 and factory.connections == 1 and len(told) == 1
-
-
-async def eventually_true(check: Any) -> None:
-    for _ in range(200):
-        if check():
-            return
-        await sleep(0.01)
-    raise AssertionError("not in time")

@@ -162,6 +162,14 @@ def floor_relay(
         proc.wait()
 
 
+def work_matching(cpu_ms: float, points: list[tuple[float, float]]) -> float:
+    """The floor's work (us) that would cost ``cpu_ms`` a request: the least-squares line through ``points`` (work, CPU)."""
+    n = len(points)
+    mean_w, mean_c = sum(w for w, _ in points) / n, sum(c for _, c in points) / n
+    slope = sum((w - mean_w) * (c - mean_c) for w, c in points) / sum((w - mean_w) ** 2 for w, _ in points)
+    return max(0.0, mean_w + (cpu_ms - mean_c) / slope) if slope > 0 else 0.0
+
+
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -393,34 +401,34 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                 pid, url = (floor.pid, floor_url) if who == "floor" else (gf.proc.pid, proxied)
                 with frozen(gf.proc.pid if who == "floor" else floor.pid):
                     turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
-            with frozen(gf.proc.pid):
-                alone, alone_ms = with_cpu(floor.pid, lambda: wrk(floor_url, 16, secs, think))
-        # The model-like tail, controlled: the same load through the floor, alone
-        # and then made to compute GreyFox's extra CPU per request as plain Python.
-        # A tail that comes with the floor's fixed work is this machine's answer
-        # to that much CPU a request (its speed drops for tens of ms at a time),
-        # not a stall of GreyFox's own; only less CPU a request shortens it.
-        def floor_working(work_us: float) -> tuple[dict[str, Any], float]:
+        # The model-like tail, against what this machine does to any relay: the
+        # same load through the floor made to compute fixed work a request as
+        # plain Python (0, 100 and 200 us, then as much as GreyFox spent), and
+        # GreyFox again after these turns (one turn's p99 swings by a factor of
+        # three).  The floor's p99 rises with its CPU a request, steeply past
+        # about 0.3 ms: this machine's speed drops for tens of ms at a time, and
+        # only less CPU a request shortens what a request waits through then.
+        def floor_working(work_us: float) -> tuple[float, dict[str, Any], float]:
             with floor_relay(up_port, work_us) as (worker, worker_url):
                 wrk(worker_url, 16, 1, think)  # warm its pool
                 with frozen(gf.proc.pid):
-                    return with_cpu(worker.pid, lambda: wrk(worker_url, 16, secs, think))
+                    return (work_us, *with_cpu(worker.pid, lambda: wrk(worker_url, 16, secs, think)))
 
-        # Work timed in a tight loop costs more under this load (about 1.7 x:
-        # caches go cold between requests, as GreyFox's do), so a first turn
-        # measures that, and the second is scaled to GreyFox's CPU a request.
-        work_us = max(0.0, (think_cpu_ms - alone_ms) * 1000)
-        busy, busy_ms = floor_working(work_us)
-        if busy_ms > alone_ms:
-            work_us *= (think_cpu_ms - alone_ms) / (busy_ms - alone_ms)
-            busy, busy_ms = floor_working(work_us)
+        points = [floor_working(w) for w in (0.0, 100.0, 200.0)]
+        # Work timed in a tight loop costs more under this load (caches go cold
+        # between requests, as GreyFox's do): the matched turn's work is read
+        # off the line through the three points.
+        points.append(floor_working(work_matching(think_cpu_ms, [(w, ms) for w, _, ms in points])))
+        again, again_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, 16, secs, think))
         td = think_direct
-        figures["relay_think_c16_control"] = {"floor": alone, "floor_cpu_ms": alone_ms, "work_us": work_us,
-                                              "floor_with_work": busy, "floor_with_work_cpu_ms": busy_ms}
-        rows.append([f"  same load: floor alone; floor + {work_us:.0f} us of fixed work a request", "",
-                     f"{alone['rps']:.0f}; {busy['rps']:.0f} req/s", "",
-                     f"p99 +{alone['p99'] - td['p99']:.2f} ms; p99 +{busy['p99'] - td['p99']:.2f} ms",
-                     f"{alone_ms:.3f}; {busy_ms:.3f} ms"])
+        figures["relay_think_c16"]["again"] = {"proxy": again, "cpu_ms_per_request": again_ms}
+        figures["relay_think_c16_control"] = [{"work_us": w, "floor": r, "cpu_ms_per_request": ms} for w, r, ms in points]
+        rows.append(["  the same, a second turn (after the floor's below)", "", f"{again['rps']:.0f} req/s", "",
+                     f"p50 +{again['p50'] - td['p50']:.2f} ms, p99 +{again['p99'] - td['p99']:.2f} ms", f"{again_ms:.3f} ms"])
+        rows.append(["  same load, floor + " + "/".join(f"{w:.0f}" for w, _, _ in points) + " us of work a request", "",
+                     "/".join(f"{r['rps']:.0f}" for _, r, _ in points) + " req/s", "",
+                     "p99 " + "/".join(f"+{r['p99'] - td['p99']:.1f}" for _, r, _ in points) + " ms",
+                     "/".join(f"{ms:.3f}" for _, _, ms in points) + " ms"])
         floor_ms = sum(ms for _, ms in turns["floor"]) / 2
         gf_ms = sum(ms for _, ms in turns["greyfox"]) / 2
         f = turns["floor"][-1][0]

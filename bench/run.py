@@ -162,14 +162,6 @@ def floor_relay(
         proc.wait()
 
 
-def work_matching(cpu_ms: float, points: list[tuple[float, float]]) -> float:
-    """The floor's work (us) that would cost ``cpu_ms`` a request: the least-squares line through ``points`` (work, CPU)."""
-    n = len(points)
-    mean_w, mean_c = sum(w for w, _ in points) / n, sum(c for _, c in points) / n
-    slope = sum((w - mean_w) * (c - mean_c) for w, c in points) / sum((w - mean_w) ** 2 for w, _ in points)
-    return max(0.0, mean_w + (cpu_ms - mean_c) / slope) if slope > 0 else 0.0
-
-
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -388,7 +380,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         rows.append([f"relay, c=16, upstream answering in {THINK_MS} ms", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                      f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                      f"{cpu_ms:.3f} ms"])
-        think_direct, think_cpu_ms = d, cpu_ms
+        think_direct = d
 
         # The floor: the same relay with no GreyFox code (bench/floor.py), measured
         # in turns with GreyFox (floor, GreyFox, GreyFox, floor), so that both see
@@ -403,22 +395,19 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                     turns[who].append(with_cpu(pid, lambda: wrk(url, 16, secs, unique)))
         # The model-like tail, against what this machine does to any relay: the
         # same load through the floor made to compute fixed work a request as
-        # plain Python (0, 100 and 200 us, then as much as GreyFox spent), and
-        # GreyFox again after these turns (one turn's p99 swings by a factor of
-        # three).  The floor's p99 rises with its CPU a request, steeply past
-        # about 0.3 ms: this machine's speed drops for tens of ms at a time, and
-        # only less CPU a request shortens what a request waits through then.
+        # plain Python (0 to 300 us; under this load 300 us cost about what
+        # GreyFox spends a request in the row above), and GreyFox again after
+        # these turns (one turn's p99 swings by a factor of three).  The floor's
+        # p99 rises with its CPU a request, steeply past about 0.3 ms: this
+        # machine's speed drops for tens of ms at a time, and only less CPU a
+        # request shortens what a request waits through then.
         def floor_working(work_us: float) -> tuple[float, dict[str, Any], float]:
             with floor_relay(up_port, work_us) as (worker, worker_url):
                 wrk(worker_url, 16, 1, think)  # warm its pool
                 with frozen(gf.proc.pid):
                     return (work_us, *with_cpu(worker.pid, lambda: wrk(worker_url, 16, secs, think)))
 
-        points = [floor_working(w) for w in (0.0, 100.0, 200.0)]
-        # Work timed in a tight loop costs more under this load (caches go cold
-        # between requests, as GreyFox's do): the matched turn's work is read
-        # off the line through the three points.
-        points.append(floor_working(work_matching(think_cpu_ms, [(w, ms) for w, _, ms in points])))
+        points = [floor_working(w) for w in (0.0, 100.0, 200.0, 300.0)]
         again, again_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, 16, secs, think))
         td = think_direct
         figures["relay_think_c16"]["again"] = {"proxy": again, "cpu_ms_per_request": again_ms}

@@ -380,7 +380,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         rows.append([f"relay, c=16, upstream answering in {THINK_MS} ms", f"{d['rps']:.0f} req/s", f"{p['rps']:.0f} req/s",
                      f"{p['rps'] / d['rps']:.2f}", f"p50 +{p['p50'] - d['p50']:.2f} ms, p99 +{p['p99'] - d['p99']:.2f} ms",
                      f"{cpu_ms:.3f} ms"])
-        think_direct = d
+        td = d  # the direct figures of this load, for the turns below
 
         # The floor: the same relay with no GreyFox code (bench/floor.py), measured
         # in turns with GreyFox (floor, GreyFox, GreyFox, floor), so that both see
@@ -409,7 +409,6 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
 
         points = [floor_working(w) for w in (0.0, 100.0, 200.0, 300.0)]
         again, again_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, 16, secs, think))
-        td = think_direct
         figures["relay_think_c16"]["again"] = {"proxy": again, "cpu_ms_per_request": again_ms}
         figures["relay_think_c16_control"] = [{"work_us": w, "floor": r, "cpu_ms_per_request": ms} for w, r, ms in points]
         rows.append(["  the same, a second turn (after the floor's below)", "", f"{again['rps']:.0f} req/s", "",

@@ -11,7 +11,18 @@ With ``WORK_US``, it also computes for that many microseconds a request
 once at start): the benchmark gives it GreyFox's CPU per request, to see
 what this machine does to a relay that works that much, GreyFox or not.
 
-Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US]``.
+With ``essential`` instead, it also does the core computations of a
+metered, cached relay, with GreyFox's own pure functions and nothing around
+them: parse the request's JSON, its cache key, look it up, estimate its
+prompt tokens (tiktoken) and reserve them; parse the answer's JSON and
+usage, settle, price, build the ledger row (batched in memory; no database)
+and index the answer.  Not done: headers (GreyFox's own, and the filtering
+of those it relays), the rate, loop and budget checks, metrics, timeouts,
+coalescing, a pipeline that also streams, and the database writes.  What
+GreyFox spends over this is those and the objects and calls that carry a
+request through them.
+
+Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | essential]``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 UPSTREAM_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-WORK_US = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+ESSENTIAL = len(sys.argv) > 3 and sys.argv[3] == "essential"
+WORK_US = float(sys.argv[3]) if len(sys.argv) > 3 and not ESSENTIAL else 0.0
 idle: list["Upstream"] = []
 
 _DATA = [{"n": i, "s": str(i)} for i in range(256)]
@@ -60,6 +72,63 @@ def work() -> None:
         _unit()
 
 
+class Essential:
+    """The core computations of a relayed cache miss, as GreyFox makes them (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        import os
+        import tempfile
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from greyfox import _cachekey, _json, _pricing, _tokens, _usage
+
+        self.loads, self.cache_key, self.usage_of = _json.loads, _cachekey.cache_key, _usage.usage_of
+        self.estimate = _tokens.estimate_prompt_tokens
+        self.encodings = _tokens.load_encodings(tempfile.mkdtemp(prefix="floor-tiktoken-"))
+        self.encoding_name_for = _tokens.encoding_name_for
+        self.prices = _pricing.PriceTable.shipped()
+        self.index: dict[str, tuple[bytes, float]] = {}
+        self.reserved: dict[str, int] = {}
+        self.used: dict[str, int] = {}
+        self.rows: list[tuple] = []
+        self.last_id = 0
+        self.day = time.strftime("%Y-%m-%d")  # (GreyFox's quota clock gives each row its day)
+
+    def request(self, body: bytes) -> tuple:
+        doc = self.loads(body)
+        model = doc.get("model")
+        if not isinstance(model, str) or not model:
+            raise ValueError("no model")
+        key = self.cache_key("openai", "/chat/completions", doc)
+        if key in self.index:
+            raise ValueError("a hit: the benchmark's bodies are unique")
+        enc = self.encodings[self.encoding_name_for(model)]
+        tokens = self.estimate(enc, doc) + (doc.get("max_tokens") or 0)
+        self.reserved["bench"] = self.reserved.get("bench", 0) + tokens
+        self.last_id += 1
+        return (self.last_id, time.time(), model, key, tokens)
+
+    def answer(self, call: tuple, body: bytes) -> None:
+        call_id, started, model, key, tokens = call
+        usage = self.usage_of(self.loads(body))
+        total = usage.total_tokens if usage is not None else 0
+        self.reserved["bench"] -= tokens
+        self.used["bench"] = self.used.get("bench", 0) + total
+        cost = self.prices.cost(model, usage) if usage is not None else None
+        now = time.time()
+        self.rows.append((
+            call_id, started, self.day, "bench", "/chat/completions", "openai", model, False, 200,
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, 0, total, cost,
+            "MISS", 0, 0.0, round((now - started) * 1000, 3), 0.0, "upstream", None,
+        ))
+        if len(self.rows) >= 500:
+            self.rows.clear()
+        self.index[key] = (body, now)
+
+
+essential = Essential() if ESSENTIAL else None
+
+
 class Upstream(Protocol):
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -82,7 +151,10 @@ class Upstream(Protocol):
     def on_message_complete(self) -> None:
         work()
         idle.append(self)
-        self.client.answer(self.parser.get_status_code(), b"".join(self.parts))
+        body = b"".join(self.parts)
+        self.client.answer(self.parser.get_status_code(), body)
+        if essential is not None:
+            essential.answer(self.client.call, body)
 
 
 class Client(Protocol):
@@ -100,6 +172,8 @@ class Client(Protocol):
     def on_message_complete(self) -> None:
         work()
         body, self.parts = b"".join(self.parts), []
+        if essential is not None:
+            self.call = essential.request(body)
         if idle:
             idle.pop().send(self, body)
         else:

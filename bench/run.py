@@ -147,12 +147,14 @@ def fake_upstream() -> Iterator[int]:
 
 @contextlib.contextmanager
 def floor_relay(
-    up_port: int, work_us: float = 0.0, prefix: list[str] | None = None, timeout: float = 20
+    up_port: int, work_us: float | str = 0.0, prefix: list[str] | None = None, timeout: float = 20
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """bench/floor.py on the proxy's CPU (under ``prefix``, e.g. valgrind):
-    the process and its chat completions URL; stopped, and waited for, on leaving."""
+    """bench/floor.py on the proxy's CPU (under ``prefix``, e.g. valgrind), with ``work_us``
+    of fixed work a request or ``"essential"``: the process and its chat completions URL;
+    stopped, and waited for, on leaving."""
     port = free_port()
-    cmd = [*(prefix or []), sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port), f"{work_us:.0f}"]
+    work = work_us if isinstance(work_us, str) else f"{work_us:.0f}"
+    cmd = [*(prefix or []), sys.executable, os.path.join(HERE, "floor.py"), str(port), str(up_port), work]
     proc = subprocess.Popen(pinned(PROXY_CPU, cmd))
     try:
         wait_port(port, timeout)
@@ -408,6 +410,14 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                     return (work_us, *with_cpu(worker.pid, lambda: wrk(worker_url, 16, secs, think)))
 
         points = [floor_working(w) for w in (0.0, 100.0, 200.0, 300.0)]
+        # The floor doing the core computations of a metered, cached relay with
+        # GreyFox's pure functions (JSON, cache key, token estimate, usage, price,
+        # ledger row) and nothing around them, saturated and at the same load.
+        with floor_relay(up_port, "essential", timeout=60) as (lean, lean_url):
+            wrk(lean_url, 16, 1, unique)  # warm its pool
+            with frozen(gf.proc.pid):
+                lean_sat, lean_sat_ms = with_cpu(lean.pid, lambda: wrk(lean_url, 16, secs, unique))
+                lean_think, lean_think_ms = with_cpu(lean.pid, lambda: wrk(lean_url, 16, secs, think))
         again, again_ms = with_cpu(gf.proc.pid, lambda: wrk(proxied, 16, secs, think))
         figures["relay_think_c16"]["again"] = {"proxy": again, "cpu_ms_per_request": again_ms}
         figures["relay_think_c16_control"] = [{"work_us": w, "floor": r, "cpu_ms_per_request": ms} for w, r, ms in points]
@@ -417,6 +427,10 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                      "/".join(f"{r['rps']:.0f}" for _, r, _ in points) + " req/s", "",
                      "p99 " + "/".join(f"+{r['p99'] - td['p99']:.1f}" for _, r, _ in points) + " ms",
                      "/".join(f"{ms:.3f}" for _, _, ms in points) + " ms"])
+        figures["essential"] = {"c16": lean_sat, "c16_cpu_ms": lean_sat_ms, "think": lean_think, "think_cpu_ms": lean_think_ms}
+        rows.append(["  same load, floor + GreyFox's core computations", "", f"{lean_think['rps']:.0f} req/s", "",
+                     f"p50 +{lean_think['p50'] - td['p50']:.2f} ms, p99 +{lean_think['p99'] - td['p99']:.2f} ms",
+                     f"{lean_think_ms:.3f} ms"])
         floor_ms = sum(ms for _, ms in turns["floor"]) / 2
         gf_ms = sum(ms for _, ms in turns["greyfox"]) / 2
         f = turns["floor"][-1][0]
@@ -425,6 +439,9 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         rows.append(["floor: relay with no GreyFox code, c=16", "", f"{f['rps']:.0f} req/s", "",
                      f"in turns: GreyFox {gf_ms:.3f} ms = {gf_ms / floor_ms:.1f} x floor, "
                      f"its own work {gf_ms - floor_ms:.3f} ms", f"{floor_ms:.3f} ms"])
+        rows.append(["floor + GreyFox's core computations, c=16", "", f"{lean_sat['rps']:.0f} req/s", "",
+                     f"{lean_sat_ms / floor_ms:.1f} x floor; GreyFox {gf_ms - lean_sat_ms:.3f} ms more",
+                     f"{lean_sat_ms:.3f} ms"])
 
         post(proxied, FIXED_BODY)  # warm the cache entry
         for c in (16, 64):

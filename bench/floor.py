@@ -11,7 +11,7 @@ With ``WORK_US``, it also computes for that many microseconds a request
 once at start): the benchmark gives it GreyFox's CPU per request, to see
 what this machine does to a relay that works that much, GreyFox or not.
 
-With ``essential`` instead, it also does the core computations of a
+With ``core`` instead, it also does the core computations of a
 metered, cached relay, with GreyFox's own pure functions and nothing around
 them: parse the request's JSON, its cache key, look it up, estimate its
 prompt tokens (tiktoken) and reserve them; parse the answer's JSON and
@@ -22,7 +22,7 @@ coalescing, a pipeline that also streams, and the database writes.  What
 GreyFox spends over this is those and the objects and calls that carry a
 request through them.
 
-Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | essential]``.
+Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | core]``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 UPSTREAM_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-ESSENTIAL = len(sys.argv) > 3 and sys.argv[3] == "essential"
-WORK_US = float(sys.argv[3]) if len(sys.argv) > 3 and not ESSENTIAL else 0.0
+CORE = len(sys.argv) > 3 and sys.argv[3] == "core"
+WORK_US = float(sys.argv[3]) if len(sys.argv) > 3 and not CORE else 0.0
 idle: list["Upstream"] = []
 
 _DATA = [{"n": i, "s": str(i)} for i in range(256)]
@@ -72,7 +72,7 @@ def work() -> None:
         _unit()
 
 
-class Essential:
+class Core:
     """The core computations of a relayed cache miss, as GreyFox makes them (see the module's docstring)."""
 
     def __init__(self) -> None:
@@ -126,7 +126,7 @@ class Essential:
         self.index[key] = (body, now)
 
 
-essential = Essential() if ESSENTIAL else None
+core = Core() if CORE else None
 
 
 class Upstream(Protocol):
@@ -153,8 +153,8 @@ class Upstream(Protocol):
         idle.append(self)
         body = b"".join(self.parts)
         self.client.answer(self.parser.get_status_code(), body)
-        if essential is not None:
-            essential.answer(self.client.call, body)
+        if core is not None:
+            core.answer(self.client.call, body)
 
 
 class Client(Protocol):
@@ -172,8 +172,8 @@ class Client(Protocol):
     def on_message_complete(self) -> None:
         work()
         body, self.parts = b"".join(self.parts), []
-        if essential is not None:
-            self.call = essential.request(body)
+        if core is not None:
+            self.call = core.request(body)
         if idle:
             idle.pop().send(self, body)
         else:

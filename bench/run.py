@@ -150,7 +150,7 @@ def floor_relay(
     up_port: int, work_us: float | str = 0.0, prefix: list[str] | None = None, timeout: float = 20
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """bench/floor.py on the proxy's CPU (under ``prefix``, e.g. valgrind), with ``work_us``
-    of fixed work a request or ``"essential"``: the process and its chat completions URL;
+    of fixed work a request or ``"core"``: the process and its chat completions URL;
     stopped, and waited for, on leaving."""
     port = free_port()
     work = work_us if isinstance(work_us, str) else f"{work_us:.0f}"
@@ -413,7 +413,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
         # The floor doing the core computations of a metered, cached relay with
         # GreyFox's pure functions (JSON, cache key, token estimate, usage, price,
         # ledger row) and nothing around them, saturated and at the same load.
-        with floor_relay(up_port, "essential", timeout=60) as (lean, lean_url):
+        with floor_relay(up_port, "core", timeout=60) as (lean, lean_url):
             wrk(lean_url, 16, 1, unique)  # warm its pool
             with frozen(gf.proc.pid):
                 lean_sat, lean_sat_ms = with_cpu(lean.pid, lambda: wrk(lean_url, 16, secs, unique))
@@ -427,7 +427,7 @@ def run_all(up_port: int, workdir: str, unique: str, fixed: str, direct: str, se
                      "/".join(f"{r['rps']:.0f}" for _, r, _ in points) + " req/s", "",
                      "p99 " + "/".join(f"+{r['p99'] - td['p99']:.1f}" for _, r, _ in points) + " ms",
                      "/".join(f"{ms:.3f}" for _, _, ms in points) + " ms"])
-        figures["essential"] = {"c16": lean_sat, "c16_cpu_ms": lean_sat_ms, "think": lean_think, "think_cpu_ms": lean_think_ms}
+        figures["core"] = {"c16": lean_sat, "c16_cpu_ms": lean_sat_ms, "think": lean_think, "think_cpu_ms": lean_think_ms}
         rows.append(["  same load, floor + GreyFox's core computations", "", f"{lean_think['rps']:.0f} req/s", "",
                      f"p50 +{lean_think['p50'] - td['p50']:.2f} ms, p99 +{lean_think['p99'] - td['p99']:.2f} ms",
                      f"{lean_think_ms:.3f} ms"])

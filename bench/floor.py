@@ -8,8 +8,8 @@ machines compare like with like.
 
 With ``WORK_US``, it also computes for that many microseconds a request
 (half on the request, half on the answer; a fixed amount of Python, timed
-once at start): the benchmark gives it GreyFox's CPU per request, to see
-what this machine does to a relay that works that much, GreyFox or not.
+once at start): the benchmark runs it at 0 to 300 us a request, to see
+what this machine does to a relay by how much it works, GreyFox or not.
 
 With ``core`` instead, it also does the core computations of a
 metered, cached relay, with GreyFox's own pure functions and nothing around
@@ -80,10 +80,10 @@ class Core:
         import tempfile
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from greyfox import _cachekey, _json, _pricing, _tokens, _usage
+        from greyfox import _cachekey, _json, _pricing, _proxy, _tokens, _usage
 
         self.loads, self.cache_key, self.usage_of = _json.loads, _cachekey.cache_key, _usage.usage_of
-        self.estimate = _tokens.estimate_prompt_tokens
+        self.estimate, self.max_output = _tokens.estimate_prompt_tokens, _proxy._max_output
         self.encodings = _tokens.load_encodings(tempfile.mkdtemp(prefix="floor-tiktoken-"))
         self.encoding_name_for = _tokens.encoding_name_for
         self.prices = _pricing.PriceTable.shipped()
@@ -103,7 +103,7 @@ class Core:
         if key in self.index:
             raise ValueError("a hit: the benchmark's bodies are unique")
         enc = self.encodings[self.encoding_name_for(model)]
-        tokens = self.estimate(enc, doc) + (doc.get("max_tokens") or 0)
+        tokens = self.estimate(enc, doc) + self.max_output(doc, b"/chat/completions", 4096)  # (GreyFox's default)
         self.reserved["bench"] = self.reserved.get("bench", 0) + tokens
         self.last_id += 1
         return (self.last_id, time.time(), model, key, tokens)

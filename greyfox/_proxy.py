@@ -419,7 +419,8 @@ class Proxy:
                 call.prompt_estimate = prompt
                 completion = _max_output(doc, call.subpath, self.settings.default_max_tokens)
                 tokens = prompt + completion
-                usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
+                if quotas.daily_budget_usd:  # (dollars are reserved only against a budget)
+                    usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
         try:
             call.reservation = quotas.admit(user, tokens, usd, fingerprint, now)
         except Refused as r:

@@ -235,6 +235,27 @@ async def test_global_budget_refuses_every_user_once_spent(start_proxy, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_dollars_are_reserved_in_flight_only_against_a_budget(start_proxy, http, tmp_path):
+    """A token limit alone reserves tokens, not dollars: pricing the worst case
+    is work for every request, and only a budget reads it."""
+    for n, (env, reserves_usd) in enumerate((({"GREYFOX_DAILY_TOKENS": "100000"}, False),
+                                             ({"GREYFOX_DAILY_TOKENS": "100000", "GREYFOX_DAILY_BUDGET_USD": "5"}, True))):
+        proxy = await start_proxy(db=str(tmp_path / f"{n}.db"), **env)
+        await proxy.service.encodings.load()
+        proxy.upstream.delay = 0.5
+        call = Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", chat(n), {"x-app-user-id": "u"}))
+        await eventually(lambda: len(proxy.upstream.received) == n + 1)
+        code, view = await get_json(http, proxy.url + "/api/quotas")
+        [u] = view["users"]
+        assert u["reserved"] > 0
+        assert (view["global"]["reserved_usd"] > 0) is reserves_usd
+        response, _ = await call
+        assert response.code == 200
+        code, view = await get_json(http, proxy.url + "/api/quotas")
+        assert view["global"]["reserved_usd"] == 0 and view["users"][0]["reserved"] == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_reservation_is_released_when_the_upstream_fails_or_the_client_leaves(start_proxy, http):
     proxy = await start_proxy(GREYFOX_DAILY_TOKENS="1000")
     await proxy.service.encodings.load()

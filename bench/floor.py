@@ -22,22 +22,36 @@ coalescing, a pipeline that also streams, and the database writes.  What
 GreyFox spends over this is those and the objects and calls that carry a
 request through them.
 
-Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | core]``.
+With ``WORK_US/idle``, the answer's half runs after the answer is sent,
+deferred until the reactor has served every ready socket (one job a pass),
+as a proxy would move its bookkeeping out of the way of the next request.
+With ``core+WORK_US``, the core computations and that much work besides.
+``bench/think_turns.py`` runs these beside GreyFox at the model-like load.
+
+Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | WORK_US/idle | core | core+WORK_US]``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from typing import Callable
 
 import httptools
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from greyfox._transport import write_now  # noqa: E402
+
 UPSTREAM_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-CORE = len(sys.argv) > 3 and sys.argv[3] == "core"
-WORK_US = float(sys.argv[3]) if len(sys.argv) > 3 and not CORE else 0.0
+_spec = sys.argv[3] if len(sys.argv) > 3 else "0"
+CORE = _spec.startswith("core")
+_spec = _spec[len("core"):].lstrip("+") if CORE else _spec
+DEFER = _spec.endswith("/idle")
+WORK_US = float(_spec.removesuffix("/idle") or 0)
 idle: list["Upstream"] = []
 
 _DATA = [{"n": i, "s": str(i)} for i in range(256)]
@@ -72,14 +86,29 @@ def work() -> None:
         _unit()
 
 
+_deferred: list[Callable[[], None]] = []
+
+
+def when_idle(f: Callable[[], None]) -> None:
+    """Run ``f`` once the reactor has polled: one deferred job a pass, so
+    that every ready socket is served before it (``/idle``)."""
+    _deferred.append(f)
+    if len(_deferred) == 1:
+        reactor.callLater(0, _run_deferred)
+
+
+def _run_deferred() -> None:
+    _deferred.pop(0)()
+    if _deferred:
+        reactor.callLater(0, _run_deferred)
+
+
 class Core:
     """The core computations of a relayed cache miss, as GreyFox makes them (see the module's docstring)."""
 
     def __init__(self) -> None:
-        import os
         import tempfile
 
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from greyfox import _cachekey, _json, _pricing, _proxy, _tokens, _usage
 
         self.loads, self.cache_key, self.usage_of = _json.loads, _cachekey.cache_key, _usage.usage_of
@@ -149,10 +178,13 @@ class Upstream(Protocol):
         self.parts.append(data)
 
     def on_message_complete(self) -> None:
-        work()
+        if not DEFER:
+            work()
         idle.append(self)
         body = b"".join(self.parts)
         self.client.answer(self.parser.get_status_code(), body)
+        if DEFER:
+            when_idle(work)
         if core is not None:
             core.answer(self.client.call, body)
 
@@ -181,9 +213,11 @@ class Client(Protocol):
             endpoint.connect(Factory.forProtocol(Upstream)).addCallback(lambda up: up.send(self, body))
 
     def answer(self, status: int, body: bytes) -> None:
-        self.transport.write(
-            b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
-        )
+        data = b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+        if DEFER:  # (sent before the deferred work runs, as GreyFox sends: see greyfox/_transport.py)
+            write_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,16 @@ def test_daemon_instruction_count_still_runs():
     result = subprocess.run([sys.executable, counter, "--n1", "2", "--n2", "4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]  # (it checks every answer is a 200)
     assert result.stdout.startswith("GreyFox: ") and "instructions a relayed request" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"), reason="needs wrk (apt-get install wrk)")
+def test_think_turns_runs_greyfox_and_the_floor_modes_side_by_side():
+    turns = os.path.join(os.path.dirname(BENCH), "think_turns.py")
+    cases = ["20/idle", "core+20", "greyfox"]
+    result = subprocess.run([sys.executable, turns, "--secs", "1", "--rounds", "1", *cases],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == cases
+    for row in rows:  # every relay answered, with 200s only
+        assert float(row[row.index("req/s,") - 1]) > 0 and row[row.index("errors") - 1] == "0", row

@@ -3,7 +3,9 @@
 Each round measures the upstream direct, then each case in turn for the same
 time: its CPU a request (from /proc) and the latency it adds (p50, p99, from
 wrk).  Cases: ``greyfox`` (``twistd -n greyfox`` as bench/run.py starts it,
-frozen while the others run) or a floor spec (``bench/floor.py``: ``0``,
+frozen while the others run), ``greyfox:DIR`` (the GreyFox of another
+checkout, e.g. a ``git worktree`` of an older commit: two versions in the
+same turns) or a floor spec (``bench/floor.py``: ``0``,
 ``300``, ``300/idle``, ``core``, ``core+100``; started afresh each turn).
 Rounds interleave the cases so that every case sees each phase of a noisy
 machine; read the rows of one round against each other.
@@ -38,29 +40,43 @@ def main() -> int:
         f.write(run.THINK_LUA)
     with run.fake_upstream() as up:
         direct = f"http://127.0.0.1:{up}/v1/chat/completions"
-        gf = None
-        if "greyfox" in args.cases:
-            gf = run.GreyFox(up, workdir)
-            gf.ready()
-            run.wrk(gf.url + "/v1/chat/completions", 16, 2, think)  # warm its pool
-            os.kill(gf.proc.pid, signal.SIGSTOP)
+        daemons = {case: start_greyfox(case, up, workdir, think) for case in args.cases if case.startswith("greyfox")}
         try:
             for r in range(args.rounds):
                 d = run.wrk(direct, 16, args.secs, think)
                 print(f"round {r}: direct p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms", flush=True)
                 for case in args.cases:
-                    p, ms = turn(case, gf, up, think, args.secs)
+                    p, ms = turn(case, daemons.get(case), up, think, args.secs)
                     print(f"  {case:12} {ms:.3f} ms CPU a request, p50 +{p['p50'] - d['p50']:.2f} ms, "
                           f"p99 +{p['p99'] - d['p99']:.2f} ms, {p['rps']:.0f} req/s, {p['errors']} errors", flush=True)
         finally:
-            if gf is not None:
+            for gf in daemons.values():
                 os.kill(gf.proc.pid, signal.SIGCONT)
                 gf.stop()
     return 0
 
 
+def start_greyfox(case: str, up: int, workdir: str, think: str) -> Any:
+    """``greyfox`` or ``greyfox:DIR``, started, warmed and frozen until its turn."""
+    source = case.partition(":")[2]
+    saved = os.environ.get("PYTHONPATH")
+    if source:  # (its greyfox package and twistd plugin come first on the path)
+        os.environ["PYTHONPATH"] = os.path.abspath(source) + (os.pathsep + saved if saved else "")
+    try:
+        gf = run.GreyFox(up, workdir)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    gf.ready()
+    run.wrk(gf.url + "/v1/chat/completions", 16, 2, think)  # warm its pool
+    os.kill(gf.proc.pid, signal.SIGSTOP)
+    return gf
+
+
 def turn(case: str, gf: Any, up: int, think: str, secs: int) -> tuple[dict[str, Any], float]:
-    if case == "greyfox":
+    if gf is not None:
         url = gf.url + "/v1/chat/completions"
         os.kill(gf.proc.pid, signal.SIGCONT)
         try:

@@ -10,7 +10,9 @@ import openai
 import pytest
 import pytest_twisted
 from hypothesis import given, strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 
 from greyfox._cache import Cache, CacheEntry, pack_body, unpack_body
@@ -20,7 +22,7 @@ from greyfox._cli import main as cli
 from . import fakeupstream
 from .conftest import PROXY_KEY, eventually, in_thread, post_json
 from .test_ledger import get_json, rows
-from .test_proxy import _wait, hang_up_after
+from .test_proxy import RawClient, _wait, hang_up_after
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
@@ -277,6 +279,27 @@ async def test_twenty_identical_concurrent_requests_pay_once(start_proxy, http, 
     charged = [r for r in got if r["cache"] != "HIT"]
     assert len(got) == 20 and len(charged) == 1 and charged[0]["total_tokens"] == P + C
     assert all(r["cost_usd"] == 0 and r["saved_tokens"] == P + C for r in got if r["cache"] == "HIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_repeat_right_after_the_answer_is_a_hit(start_proxy):
+    """The answer leaves before GreyFox stores it (the entry is written a pass
+    later): a repeat that arrives in between still shares it, never paying twice."""
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    body = json.dumps(CHAT).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    one = head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    last = head + b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    client = RawClient(one + last)  # both in one write: the second is read before the first is answered
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await _wait(client.closed, 5)
+    answers = client.received.split(b"HTTP/1.1 ")[1:]
+    assert [a.split(b" ", 1)[0] for a in answers] == [b"200", b"200"]
+    assert b"X-GreyFox-Cache: MISS" in answers[0] and b"X-GreyFox-Cache: HIT" in answers[1]
+    assert answers[0].split(b"\r\n\r\n", 1)[1] == answers[1].split(b"\r\n\r\n", 1)[1]
+    assert len(proxy.upstream.received) == 1
+    await eventually(lambda: proxy.service.ledger.written >= 2)
 
 
 @pytest_twisted.ensureDeferred

@@ -239,11 +239,15 @@ class Proxy:
 
     def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[None]:
         """Answer this client from ``flight``; fires when its response is complete."""
+        if not leader:  # (a flight that has its answer writes it to a new subscriber at once)
+            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
+            self.remaining_header(call, request)
+            return flight.subscribe(request, call).done
+        subscriber = flight.subscribe(request, call)
+        flight.start()  # after subscribing: even an instant failure reaches this client
+        # The leader's headers once its upstream call is sent: nothing is written before it answers.
         request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
         self.remaining_header(call, request)
-        subscriber = flight.subscribe(request, call)
-        if leader:
-            flight.start()  # after subscribing: even an instant failure reaches this client
         return subscriber.done  # (fires with None: the response is written)
 
     def _account(self, call: Call) -> None:

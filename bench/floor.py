@@ -22,13 +22,15 @@ coalescing, a pipeline that also streams, and the database writes.  What
 GreyFox spends over this is those and the objects and calls that carry a
 request through them.
 
-With ``WORK_US/idle``, the answer's half runs after the answer is sent,
-deferred until the reactor has served every ready socket (one job a pass),
-as a proxy would move its bookkeeping out of the way of the next request.
+With ``WORK_US/now`` the answer is sent at once, as GreyFox sends
+(``greyfox/_transport.py``), rather than at the reactor's next poll of the
+socket.  With ``WORK_US/idle`` it is sent at once too, and the answer's half
+of the work runs after it, deferred until the reactor has served every
+ready socket, as a proxy would move its bookkeeping out of the way.
 With ``core+WORK_US``, the core computations and that much work besides.
 ``bench/think_turns.py`` runs these beside GreyFox at the model-like load.
 
-Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US | WORK_US/idle | core | core+WORK_US]``.
+Usage: ``python bench/floor.py PORT UPSTREAM_PORT [WORK_US[/now|/idle] | core[+WORK_US]]``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ UPSTREAM_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 _spec = sys.argv[3] if len(sys.argv) > 3 else "0"
 CORE = _spec.startswith("core")
 _spec = _spec[len("core"):].lstrip("+") if CORE else _spec
-DEFER = _spec.endswith("/idle")
-WORK_US = float(_spec.removesuffix("/idle") or 0)
+_spec, _, _how = _spec.partition("/")
+DEFER = _how == "idle"  # the answer's half after the answer is sent, at the reactor's next pass
+SEND_NOW = _how in ("idle", "now")  # the answer sent at once (greyfox/_transport.py), not at the next poll
+WORK_US = float(_spec or 0)
 idle: list["Upstream"] = []
 
 _DATA = [{"n": i, "s": str(i)} for i in range(256)]
@@ -214,7 +218,7 @@ class Client(Protocol):
 
     def answer(self, status: int, body: bytes) -> None:
         data = b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
-        if DEFER:  # (sent before the deferred work runs, as GreyFox sends: see greyfox/_transport.py)
+        if SEND_NOW:
             write_now(self.transport, data)
         else:
             self.transport.write(data)

@@ -7,8 +7,10 @@ frozen while the others run), ``greyfox:DIR`` (the GreyFox of another
 checkout, e.g. a ``git worktree`` of an older commit: two versions in the
 same turns) or a floor spec (``bench/floor.py``: ``0``,
 ``300``, ``300/idle``, ``core``, ``core+100``; started afresh each turn).
-Rounds interleave the cases so that every case sees each phase of a noisy
-machine; read the rows of one round against each other.
+Rounds interleave the cases, each round starting one place further along
+the list (a turn's place in its round may matter: the turn before it leaves
+the machine in its own state), so that every case sees each phase of a
+noisy machine and each place; compare cases over many rounds.
 
     python bench/think_turns.py --rounds 4 core core+100 core+200 greyfox
 """
@@ -45,7 +47,8 @@ def main() -> int:
             for r in range(args.rounds):
                 d = run.wrk(direct, 16, args.secs, think)
                 print(f"round {r}: direct p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms", flush=True)
-                for case in args.cases:
+                shift = r % len(args.cases)  # each case takes each place in a round in turn
+                for case in args.cases[shift:] + args.cases[:shift]:
                     p, ms = turn(case, daemons.get(case), up, think, args.secs)
                     print(f"  {case:12} {ms:.3f} ms CPU a request, p50 +{p['p50'] - d['p50']:.2f} ms, "
                           f"p99 +{p['p99'] - d['p99']:.2f} ms, {p['rps']:.0f} req/s, {p['errors']} errors", flush=True)

@@ -55,8 +55,7 @@ class Flight:
         self.fanout: Fanout | None = None
         self.response: Any = None
         self.ended = False
-        self.answered = False  # every client has its complete response, and the usage is known
-        self.delivered = False  # every client has its complete response; the usage is taken later
+        self.answered = False  # every client has its complete response
         self._failure: Failure | None = None
         self.usage: Usage | None = None
         self.usage_source = "none"
@@ -92,8 +91,6 @@ class Flight:
             self.fanout.add(sub)
             if self.answered:
                 call.usage, call.usage_source = self.usage, self.usage_source
-                sub.end()
-            elif self.delivered:
                 sub.end()
         return sub
 
@@ -156,17 +153,9 @@ class Flight:
         response.deliverBody(self._pump)
 
     def _body_ended(self, _: None) -> None:
-        """The body is complete: finish every client's response now, and
-        conclude (usage, cache entry, ledger rows) once the reactor has
-        served what else is ready (see ``_later``)."""
         assert self.fanout is not None
         self.fanout.finish()
-        # Queued first: a client's end can resume a shutdown, which drains the queue.
-        self.proxy.later(self._conclude, None)
-        if not self.answered:
-            self.delivered = True
-            for sub, _call in list(self.subscribers):
-                sub.end()  # (their rows wait for the usage: settle_after)
+        self._conclude(None)
 
     def _body_failed(self, failure: Failure) -> Failure | None:
         settings, leader = self.proxy.settings, self.leader
@@ -314,7 +303,7 @@ class Flight:
         self._end_all(None, None)
 
     def _all_left(self) -> None:
-        if self._pump is not None and not self.delivered:  # (once delivered, the body has ended)
+        if self._pump is not None:
             self._pump.stopProducing()
 
     def _finish(self, failure: Failure | None, error: str | None = None) -> None:

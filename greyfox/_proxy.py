@@ -28,7 +28,6 @@ from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
-from ._later import Later
 from ._routing import Route, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
 from ._store import Ledger, LedgerRow
 from ._watchdog import Watchdog
@@ -84,8 +83,6 @@ class Call:
     model: str | None = None
     #: The upstream call's timer, from the request sent until its body ends (see forward).
     watchdog: Watchdog | None = None
-    #: When the client had its whole response (the row's latency; it may be settled later).
-    ended: float | None = None
 
     @property
     def endpoint(self) -> str:
@@ -143,8 +140,6 @@ class Proxy:
         self.on_settle = on_settle
         self.run_in_thread = run_in_thread
         self.in_flight: set[Deferred[Any]] = set()
-        #: What follows an answer, run once the reactor has served what is ready.
-        self.later = Later(clock)
         self.flights: dict[str, Flight] = {}
 
     # -- the pipeline --
@@ -252,7 +247,6 @@ class Proxy:
 
     def _account(self, call: Call) -> None:
         """Queue the ledger row now, or when the shared upstream call knows the usage."""
-        call.ended = self.clock.seconds()
         if call.flight is not None:
             call.flight.settle_after(call)
         else:
@@ -521,7 +515,7 @@ class Proxy:
 
     def settle(self, call: Call) -> None:
         """Queue the ledger row.  Runs for every request, whatever happened."""
-        now = call.ended if call.ended is not None else self.clock.seconds()
+        now = self.clock.seconds()
         usage = call.usage or Usage()
         model = call.model
         cost: float | None = 0.0 if call.usage is None else self.prices.cost(model or "", usage)

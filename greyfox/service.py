@@ -259,7 +259,6 @@ class GreyFoxService(MultiService):
             yield waiting
             if timer.active():
                 timer.cancel()
-        self.proxy.later.drain()  # the usage, cache entries and ledger rows of the last answers
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5

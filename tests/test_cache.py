@@ -283,8 +283,8 @@ async def test_twenty_identical_concurrent_requests_pay_once(start_proxy, http, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_pipelined_repeat_right_after_the_answer_is_a_hit(start_proxy):
-    """The answer leaves before GreyFox stores it (the entry is written a pass
-    later): a repeat that arrives in between still shares it, never paying twice."""
+    """A repeat read before the first answer is out (HTTP pipelining) waits
+    its turn and is answered from the cache, never paying twice."""
     proxy = await start_proxy()
     port = proxy.service.port.getHost().port
     body = json.dumps(CHAT).encode()

@@ -5,8 +5,8 @@ time: its CPU a request (from /proc) and the latency it adds (p50, p99, from
 wrk).  Cases: ``greyfox`` (``twistd -n greyfox`` as bench/run.py starts it,
 frozen while the others run), ``greyfox:DIR`` (the GreyFox of another
 checkout, e.g. a ``git worktree`` of an older commit: two versions in the
-same turns) or a floor spec (``bench/floor.py``: ``0``,
-``300``, ``300/idle``, ``core``, ``core+100``; started afresh each turn).
+same turns) or a floor spec (``bench/floor.py``: ``0``, ``300``,
+``300/now``, ``300/idle``, ``core``, ``core+100``; started afresh each turn).
 Rounds interleave the cases, each round starting one place further along
 the list (a turn's place in its round may matter: the turn before it leaves
 the machine in its own state), so that every case sees each phase of a
@@ -42,8 +42,11 @@ def main() -> int:
         f.write(run.THINK_LUA)
     with run.fake_upstream() as up:
         direct = f"http://127.0.0.1:{up}/v1/chat/completions"
-        daemons = {case: start_greyfox(case, up, workdir, think) for case in args.cases if case.startswith("greyfox")}
+        daemons: dict[str, Any] = {}
         try:
+            for case in args.cases:
+                if case.startswith("greyfox"):
+                    daemons[case] = start_greyfox(case, up, workdir, think)
             for r in range(args.rounds):
                 d = run.wrk(direct, 16, args.secs, think)
                 print(f"round {r}: direct p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms", flush=True)
@@ -72,8 +75,12 @@ def start_greyfox(case: str, up: int, workdir: str, think: str) -> Any:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
-    gf.ready()
-    run.wrk(gf.url + "/v1/chat/completions", 16, 2, think)  # warm its pool
+    try:
+        gf.ready()
+        run.wrk(gf.url + "/v1/chat/completions", 16, 2, think)  # warm its pool
+    except BaseException:
+        gf.stop()
+        raise
     os.kill(gf.proc.pid, signal.SIGSTOP)
     return gf
 

@@ -236,12 +236,18 @@ class Flight:
             self._counted(count_answer(*job), prompt)
             return
         counting = self._counting = self.proxy.run_in_thread(count_answer, *job)
+        self.proxy.counting.add(counting)  # (a shutdown waits for it: its rows are not queued yet)
 
         def counted(counts: tuple[int, int | None]) -> None:
             self._counting = None
+            self.proxy.counting.discard(counting)
             self._counted(counts, prompt)
 
-        counting.addCallback(counted).addErrback(self._count_failed)
+        def failed(failure: Failure) -> None:
+            self.proxy.counting.discard(counting)
+            self._count_failed(failure)
+
+        counting.addCallback(counted).addErrback(failed)
 
     def _counted(self, counts: tuple[int, int | None], prompt: int | None) -> None:
         text_tokens, counted_prompt = counts

@@ -140,6 +140,8 @@ class Proxy:
         self.on_settle = on_settle
         self.run_in_thread = run_in_thread
         self.in_flight: set[Deferred[Any]] = set()
+        #: Our own counts of long answers, running in threads: their ledger rows wait for them.
+        self.counting: set[Deferred[Any]] = set()
         self.flights: dict[str, Flight] = {}
 
     # -- the pipeline --

@@ -259,6 +259,12 @@ class GreyFoxService(MultiService):
             yield waiting
             if timer.active():
                 timer.cancel()
+        # Rows of long answers without usage are queued once our count of them is done (in a thread).
+        deadline = self.reactor.seconds() + SHUTDOWN_GRACE
+        while self.proxy.counting and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.02, lambda: None)
+        if self.proxy.counting:
+            log.error("LOST the ledger rows of {n} answers still being counted at shutdown", n=len(self.proxy.counting))
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5

@@ -157,6 +157,36 @@ async def test_a_long_answer_without_usage_is_counted_off_the_reactor_thread(sta
 
 
 @pytest_twisted.ensureDeferred
+async def test_shutdown_waits_for_a_long_answers_count_before_closing_the_database(start_proxy, http, monkeypatch, tmp_path):
+    """Stopped just after a long answer without usage (twistd on SIGTERM): the
+    client has its answer, the count still runs in a thread, and the row it
+    completes is written before the database closes."""
+    import sqlite3
+    import time
+
+    from greyfox import _flight
+
+    count = _flight.count_answer
+
+    def slow_count(*args: Any) -> Any:
+        time.sleep(0.5)  # (in the thread pool)
+        return count(*args)
+
+    monkeypatch.setattr(_flight, "count_answer", slow_count)
+    db = str(tmp_path / "stopping.db")
+    proxy = await start_proxy(db=db)
+    await proxy.service.encodings.load()
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage-long"))
+    assert response.code == 200
+    await proxy.service.stopService()
+    conn = sqlite3.connect(db)
+    got = conn.execute("SELECT status, usage_source, completion_tokens FROM ledger").fetchall()
+    conn.close()
+    enc = proxy.service.encodings.for_model("no-usage-long")
+    assert got == [(200, "estimated", len(enc.encode_ordinary(fakeupstream.LONG_REPLY)))]
+
+
+@pytest_twisted.ensureDeferred
 async def test_embeddings_without_usage_get_their_prompt_counted_locally(start_proxy, http):
     proxy = await start_proxy()
     await proxy.service.encodings.load()

@@ -243,11 +243,7 @@ class Flight:
             self.proxy.counting.discard(counting)
             self._counted(counts, prompt)
 
-        def failed(failure: Failure) -> None:
-            self.proxy.counting.discard(counting)
-            self._count_failed(failure)
-
-        counting.addCallback(counted).addErrback(failed)
+        counting.addCallback(counted).addErrback(self._count_failed)
 
     def _counted(self, counts: tuple[int, int | None], prompt: int | None) -> None:
         text_tokens, counted_prompt = counts
@@ -260,6 +256,7 @@ class Flight:
         self.usage_source = "estimated"
 
     def _count_failed(self, failure: Failure) -> None:
+        self.proxy.counting.discard(self._counting)
         self._counting = None
         log.failure("request {id}: counting the answer failed; recorded without usage", failure, id=self.leader.id)
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -283,7 +283,19 @@ class Cache:
         if self._write_call is None:
             self._write_call = self._clock.callLater(self.WRITE_DELAY, self._write_batch)
 
-    def _write_batch(self) -> None:
+    def flush(self) -> Deferred[None]:
+        """Write what waits for the next batch now (at shutdown, before the database closes)."""
+        if self._write_call is not None and self._write_call.active():
+            self._write_call.cancel()
+        if self._touch_call is not None and self._touch_call.active():
+            self._touch_call.cancel()
+        writes = [self._write_batch()] if self._writes else []
+        if self._touched:
+            writes.append(self._write_touches())
+        self._write_call = self._touch_call = None
+        return DeferredList(writes, consumeErrors=True).addCallback(lambda _: None)
+
+    def _write_batch(self) -> Deferred[None]:
         self._write_call = None
         batch, self._writes = self._writes, []
         copies = [(entry.row(), data) for entry, data in batch]  # a snapshot: the entry may change meanwhile
@@ -302,7 +314,7 @@ class Cache:
                     del self._index[entry.id]
                 self._drop_hot(entry.id)
 
-        self._run(_store_many_txn, copies).addCallbacks(written, failed)
+        return self._run(_store_many_txn, copies).addCallbacks(written, failed)
 
     def clear(self, model: str | None = None, older_than: float | None = None) -> Deferred[int]:
         """Remove entries (all, or of one model, or created before a time); fires with the count."""
@@ -325,11 +337,11 @@ class Cache:
         if self._touch_call is None:
             self._touch_call = self._clock.callLater(5, self._write_touches)
 
-    def _write_touches(self) -> None:
+    def _write_touches(self) -> Deferred[None]:
         self._touch_call = None
         touched, self._touched = self._touched, {}
         rows = [(e.last_used, e.key, e.scope) for e in touched.values()]
-        self._run(_touch_txn, rows).addErrback(lambda f: None)  # LRU order is a hint
+        return self._run(_touch_txn, rows).addErrback(lambda f: None)  # LRU order is a hint
 
     def _keep_hot(self, entry_id: str, body: Body) -> None:
         size = _hot_size(body)

@@ -265,6 +265,7 @@ class GreyFoxService(MultiService):
             yield deferLater(self.reactor, 0.02, lambda: None)
         if self.proxy.counting:
             log.error("LOST the ledger rows of {n} answers still being counted at shutdown", n=len(self.proxy.counting))
+        yield self.cache.flush()  # answers stored in the last moments (a failed write is logged, as ever)
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5

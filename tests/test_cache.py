@@ -303,6 +303,22 @@ async def test_a_pipelined_repeat_right_after_the_answer_is_a_hit(start_proxy):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_answer_stored_just_before_a_shutdown_is_replayed_after_the_restart(start_proxy, http, tmp_path):
+    """Stopped within the cache's write delay (a CI job recording, then done):
+    the last answer is written before the database closes, not dropped."""
+    db = str(tmp_path / "restart.db")
+    proxy = await start_proxy(db=db)
+    response, first = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.code == 200
+    await rows(http, proxy)  # (an API read writes the ledger at once: the shutdown finds no row to wait for)
+    await proxy.service.stopService()
+    again = await start_proxy(db=db, GREYFOX_MODE="replay")
+    response, body = await post_json(http, again.v1 + "/chat/completions", CHAT)
+    assert response.code == 200 and response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]
+    assert body == first and len(proxy.upstream.received) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_coalesced_followers_share_the_leaders_error_and_nothing_is_stored(start_proxy, http):
     proxy = await start_proxy()
     proxy.upstream.delay = 0.3

@@ -261,18 +261,16 @@ class GreyFoxService(MultiService):
                 timer.cancel()
         # Rows of long answers without usage are queued once our count of them is done (in a thread).
         deadline = self.reactor.seconds() + SHUTDOWN_GRACE
-        while self.proxy.counting and self.reactor.seconds() < deadline:
-            yield deferLater(self.reactor, 0.02, lambda: None)
+        yield self._wait_while(lambda: bool(self.proxy.counting) and self.reactor.seconds() < deadline)
         if self.proxy.counting:
             log.error("LOST the ledger rows of {n} answers still being counted at shutdown", n=len(self.proxy.counting))
         yield self.cache.flush()  # answers stored in the last moments (a failed write is logged, as ever)
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5
-        while self.ledger.pending and (self.ledger.degraded is None or self.reactor.seconds() < deadline):
-            yield deferLater(self.reactor, 0.02, lambda: None)
-        while self.ledger.writing:  # let the last attempt finish, whatever it does
-            yield deferLater(self.reactor, 0.02, lambda: None)
+        yield self._wait_while(
+            lambda: bool(self.ledger.pending) and (self.ledger.degraded is None or self.reactor.seconds() < deadline))
+        yield self._wait_while(lambda: bool(self.ledger.writing))  # let the last attempt finish, whatever it does
         if self.ledger.pending:
             rows = self.ledger.take_all()
             try:
@@ -283,3 +281,10 @@ class GreyFoxService(MultiService):
                 log.error("LOST {n} ledger rows: database and side file both failed ({e})", n=len(rows), e=e)
         yield self.http.close()
         self.dbpool.close()
+
+    @defer.inlineCallbacks
+    def _wait_while(self, busy: Callable[[], bool]) -> Any:
+        """Look again every 20 ms until ``busy()`` is false (from the reactor: never inside
+        the callbacks that change it)."""
+        while busy():
+            yield deferLater(self.reactor, 0.02, lambda: None)

@@ -22,7 +22,7 @@ from greyfox._cli import main as cli
 from . import fakeupstream
 from .conftest import PROXY_KEY, eventually, in_thread, post_json
 from .test_ledger import get_json, rows
-from .test_proxy import RawClient, _wait, hang_up_after
+from .test_proxy import RawClient, _wait, hang_up_after, raw_post
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
@@ -287,11 +287,8 @@ async def test_a_pipelined_repeat_right_after_the_answer_is_a_hit(start_proxy):
     its turn and is answered from the cache, never paying twice."""
     proxy = await start_proxy()
     port = proxy.service.port.getHost().port
-    body = json.dumps(CHAT).encode()
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    one = head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    last = head + b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    client = RawClient(one + last)  # both in one write: the second is read before the first is answered
+    # Both in one write: the second is read before the first is answered.
+    client = RawClient(raw_post(port, CHAT, close=False) + raw_post(port, CHAT))
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     await _wait(client.closed, 5)
     answers = client.received.split(b"HTTP/1.1 ")[1:]

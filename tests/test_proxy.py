@@ -275,11 +275,11 @@ class RawClient(Protocol):
         self.closed.callback(None)
 
 
-def raw_post(port: int, doc: Any, headers: bytes = b"") -> bytes:
+def raw_post(port: int, doc: Any, headers: bytes = b"", close: bool = True) -> bytes:
     body = json.dumps(doc).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + headers +
-        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        (b"Connection: close\r\n" if close else b"") + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
 
 

@@ -10,6 +10,7 @@ Functions named ``*_txn`` run in the pool's thread with a cursor.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import sqlite3
@@ -113,32 +114,58 @@ def spill_path(db_path: str) -> str:
     return db_path + ".unsaved.jsonl"
 
 
+def row_json(row: LedgerRow) -> str:
+    """One row as a line of ASCII JSON (lone surrogates escaped, any integer kept)."""
+    return json.dumps(attr.asdict(row))
+
+
 def spill(db_path: str, rows: Sequence[LedgerRow]) -> str:
     """Append rows the database would not take to a side file (at shutdown only)."""
     path = spill_path(db_path)
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(attr.asdict(r)) + "\n")
+            f.write(row_json(r) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return path
 
 
 def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
-    """Insert the rows a previous run spilled, then remove the side file."""
+    """Insert the rows a previous run spilled, then remove the side file.
+
+    Never stops a start: lines that are not rows, and rows the database
+    refuses, go to ``<side file>.rejected`` (and the log says so); when the
+    database cannot take them now, the side file stays for the next start.
+    """
     path = spill_path(db_path)
     if not os.path.exists(path):
         return 0
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(LedgerRow(**json.loads(line)))
-    with conn:
-        insert_rows_txn(conn, rows)
-    os.remove(path)
-    log.info("ledger: recovered {n} rows spilled by the last shutdown", n=len(rows))
-    return len(rows)
+    rows: list[LedgerRow] = []
+    rejected: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="backslashreplace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(LedgerRow(**json.loads(line)))
+                except (ValueError, TypeError):
+                    rejected.append(line.rstrip("\n"))
+        with conn:
+            refused = insert_rows_txn(conn, rows)
+        rejected += [row_json(row) for row, _ in refused]
+        if rejected:
+            with open(path + ".rejected", "a", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in rejected)
+            log.warn("ledger: {n} lines of {path} are not rows it can store; kept in {path}.rejected",
+                     n=len(rejected), path=path)
+        os.remove(path)
+    except (OSError, sqlite3.Error) as e:  # (inserting again at the next start is harmless: INSERT OR REPLACE)
+        log.warn("ledger: cannot insert the rows spilled by the last shutdown yet ({e}); {path} is kept for the next start",
+                 e=e, path=path)
+        return 0
+    log.info("ledger: recovered {n} rows spilled by the last shutdown", n=len(rows) - len(refused))
+    return len(rows) - len(refused)
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -173,7 +200,9 @@ def prepare_database(path: str) -> StartState:
     conn = open_database(path)
     try:
         _recover_spill(conn, path)
-        last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]
+        last_id = max(conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0], reserved_ids(conn))
+        with conn:
+            reserve_ids_txn(conn, last_id + ID_BLOCK)
         overrides = {u: (d, r, t) for u, d, r, t in conn.execute("SELECT user, daily_tokens, rpm, tpm FROM quota_overrides")}
         budget = conn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'").fetchone()
         return StartState(
@@ -182,6 +211,23 @@ def prepare_database(path: str) -> StartState:
         )
     finally:
         conn.close()
+
+
+#: Request ids are handed out from a range recorded in the database ahead of
+#: use.  A start continues after the recorded end, so an id a client was given
+#: never names another request, even when a hard kill lost its row.  A clean
+#: stop records where it ended (no gap); a hard kill leaves a gap of at most this.
+ID_BLOCK = 100_000
+
+
+def reserved_ids(conn: Any) -> int:
+    """The end of the recorded id range (0 when none is)."""
+    found = conn.execute("SELECT value FROM meta WHERE name = 'ids_reserved_to'").fetchone()
+    return int(found[0]) if found else 0
+
+
+def reserve_ids_txn(txn: Any, end: int) -> None:
+    txn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('ids_reserved_to', ?)", (str(end),))
 
 
 def make_pool(path: str, reactor: Any = None) -> adbapi.ConnectionPool:
@@ -237,8 +283,89 @@ _INSERT = "INSERT OR REPLACE INTO ledger ({}) VALUES ({})".format(
 _row_values = operator.attrgetter(*LEDGER_COLUMNS)
 
 
-def insert_rows_txn(txn: Any, rows: Sequence[LedgerRow]) -> None:
-    txn.executemany(_INSERT, [_row_values(r) for r in rows])
+#: SQLite's INTEGER range.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+#: Columns that may hold NULL; any other takes its default when a value cannot be stored.
+_NULLABLE = frozenset({"upstream", "model", "cost_usd", "latency_ms", "ttfb_ms", "error"})
+_DEFAULTS = {a.name: a.default for a in attr.fields(LedgerRow) if a.default is not attr.NOTHING}
+
+
+def _storable_value(name: str, value: Any) -> Any:
+    """``value`` as SQLite can store it in column ``name`` (itself when it already can)."""
+    if value is None:
+        return None if name in _NULLABLE else _DEFAULTS.get(name, "")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return min(max(value, _INT_MIN), _INT_MAX)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return None if name in _NULLABLE else _DEFAULTS.get(name, 0.0)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, from a JSON escape such as "\\ud800"
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    return str(value)
+
+
+def storable(row: LedgerRow) -> LedgerRow:
+    """``row`` with every value SQLite cannot store replaced, and the replacement
+    named in its ``error``; ``row`` itself when nothing needed replacing.  Pure.
+
+    A client or an upstream chooses some of a row's values (a model name with
+    a lone surrogate, a token count past 2**63): such a row must be stored
+    rather than stop the ledger.
+    """
+    changes: dict[str, Any] = {}
+    for name in LEDGER_COLUMNS:
+        value = getattr(row, name)
+        fixed = _storable_value(name, value)
+        if fixed is not value:
+            changes[name] = fixed
+    if not changes:
+        return row
+    note = "unstorable values replaced: " + ", ".join(sorted(changes))
+    error = changes.get("error", row.error)
+    changes["error"] = f"{error}; {note}" if error else note
+    return attr.evolve(row, **changes)
+
+
+def write_batch_txn(txn: Any, rows: Sequence[LedgerRow], reserve_to: int = 0) -> list[tuple[LedgerRow, str]]:
+    """One ledger batch: its rows, and a new end of the id range when ``reserve_to``."""
+    if reserve_to:
+        reserve_ids_txn(txn, reserve_to)
+    return insert_rows_txn(txn, rows)
+
+
+def insert_rows_txn(txn: Any, rows: Sequence[LedgerRow]) -> list[tuple[LedgerRow, str]]:
+    """Insert ``rows``; return those that could not be stored even once made
+    storable, each with the reason (in practice none).
+
+    One ``executemany`` for the batch.  When a value in it is one SQLite
+    refuses, the batch is inserted row by row, each made :func:`storable`, so
+    one bad row never holds the others back.  ``OperationalError`` (locked,
+    disk full, I/O) is the database's trouble, not a row's: it propagates and
+    the whole batch waits for a retry.
+    """
+    try:
+        txn.executemany(_INSERT, [_row_values(r) for r in rows])
+        return []
+    except sqlite3.OperationalError:
+        raise
+    except Exception:
+        pass
+    refused = []
+    for r in rows:  # (rows before the bad one are in already: INSERT OR REPLACE writes them again)
+        try:
+            txn.execute(_INSERT, _row_values(storable(r)))
+        except sqlite3.OperationalError:
+            raise
+        except Exception as e:
+            refused.append((r, f"{type(e).__name__}: {e}"))
+    return refused
 
 
 class Ledger:
@@ -259,10 +386,15 @@ class Ledger:
     #: also what a hard kill can lose.
     FLUSH_DELAY = 0.1
 
-    def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0) -> None:
+    def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0,
+                 reserved_to: int | None = None) -> None:
+        """:param reserved_to: the end of the id range the database has
+        recorded (see :data:`ID_BLOCK`); ``last_id + ID_BLOCK`` when not given."""
         self._run = run
         self._clock = clock
         self._last_id = last_id
+        self._reserved_to = last_id + ID_BLOCK if reserved_to is None else reserved_to
+        self._reserving = 0  # the end a batch being written records, if any
         self._queue: list[LedgerRow] = []
         self._writing = False
         self._scheduled: IDelayedCall | None = None
@@ -326,17 +458,23 @@ class Ledger:
         batch = self._queue[: self.MAX_BATCH]
         del self._queue[: self.MAX_BATCH]
         self._writing = True
-        d = self._run(insert_rows_txn, batch)
+        # Past half the recorded range, the batch records a new end with its rows.
+        self._reserving = self._last_id + ID_BLOCK if self._last_id > self._reserved_to - ID_BLOCK // 2 else 0
+        d = self._run(write_batch_txn, batch, self._reserving)
         d.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
-    def _written(self, _: object, batch: list[LedgerRow]) -> None:
+    def _written(self, refused: list[tuple[LedgerRow, str]] | None, batch: list[LedgerRow]) -> None:
         self._writing = False
+        for row, reason in refused or ():
+            log.error("ledger: row {id} cannot be stored ({reason}); the row, as JSON: {row}",
+                      id=row.id, reason=reason, row=row_json(row))
         self.written += len(batch)
         if self.degraded is not None:
             log.info("ledger: database writable again, {n} queued rows follow", n=len(self._queue))
         self.degraded = None
         self._failures = 0
         self._committed += len(batch)
+        self._reserved_to = max(self._reserved_to, self._reserving)
         ready = [d for target, d in self._waiters if target <= self._committed]
         self._waiters = [(t, d) for t, d in self._waiters if t > self._committed]
         if self._queue:

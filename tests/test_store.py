@@ -1,5 +1,6 @@
 """The group-commit ledger with a fake database and a fake clock."""
 
+import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
@@ -13,7 +14,7 @@ class FakeDB:
         self.pending: list[Deferred] = []
         self.manual = False
 
-    def run(self, fn, rows):
+    def run(self, fn, rows, *args):
         if self.broken:
             return fail(RuntimeError("disk I/O error"))
         if self.manual:
@@ -85,3 +86,80 @@ def test_steady_load_makes_batches_of_a_flush_delay_not_a_few_rows():
                 del started[first]
                 db.pending.pop(0).callback(None)
     assert len(db.batches) <= 12 and sum(len(b) for b in db.batches) >= 900
+
+
+# -- rows a client or an upstream made unstorable --
+
+import sqlite3  # noqa: E402
+
+from greyfox._store import ID_BLOCK, insert_rows_txn, open_database, prepare_database, storable  # noqa: E402
+
+
+def test_storable_replaces_what_sqlite_refuses_and_says_so():
+    bad = LedgerRow(id=7, ts=1.0, day="d", user="u", endpoint="/v1/chat/completions", model="gpt\ud800",
+                    prompt_tokens=2**64, cost_usd=float("nan"), error="upstream said no")
+    fixed = storable(bad)
+    assert fixed.model == "gpt\\ud800" and fixed.prompt_tokens == 2**63 - 1 and fixed.cost_usd is None
+    assert fixed.error == "upstream said no; unstorable values replaced: cost_usd, model, prompt_tokens"
+    fine = LedgerRow(id=8, ts=1.0, day="d", user="u", endpoint="/v1/x", model="gpt-4o", prompt_tokens=5)
+    assert storable(fine) is fine
+
+
+def test_one_unstorable_row_does_not_hold_back_its_batch(tmp_path):
+    conn = open_database(str(tmp_path / "l.db"))
+    rows = [LedgerRow(id=i, ts=1.0, day="d", user="u", endpoint="/v1/x", total_tokens=1) for i in (1, 2, 3)]
+    rows[1].model = "\ud800"
+    rows[2].total_tokens = 18446744073709551616
+    with pytest.raises((UnicodeEncodeError, OverflowError, sqlite3.Error)):
+        conn.executemany("INSERT INTO ledger (id, ts, day, user, endpoint, model, total_tokens) VALUES (?,?,?,?,?,?,?)",
+                         [(r.id, r.ts, r.day, r.user, r.endpoint, r.model, r.total_tokens) for r in rows])
+    conn.rollback()
+    with conn:
+        assert insert_rows_txn(conn, rows) == []
+    stored = conn.execute("SELECT id, model, total_tokens, error FROM ledger ORDER BY id").fetchall()
+    assert stored == [
+        (1, None, 1, None),
+        (2, "\\ud800", 1, "unstorable values replaced: model"),
+        (3, None, 2**63 - 1, "unstorable values replaced: total_tokens"),
+    ]
+
+
+def test_a_spill_file_with_bad_lines_never_stops_a_start(tmp_path):
+    db = str(tmp_path / "g.db")
+    open_database(db).close()
+    good = '{"id": 5, "ts": 1.0, "day": "d", "user": "u", "endpoint": "/v1/x", "model": "\\ud800"}'
+    with open(db + ".unsaved.jsonl", "w") as f:
+        f.write(good + "\n{not json\n" + '{"id": 6, "colour": "red"}\n')
+    state = prepare_database(db)
+    assert state.last_id >= 5
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT id, model FROM ledger").fetchall() == [(5, "\\ud800")]
+    assert not (tmp_path / "g.db.unsaved.jsonl").exists()
+    assert (tmp_path / "g.db.unsaved.jsonl.rejected").read_text().splitlines() == ["{not json", '{"id": 6, "colour": "red"}']
+
+
+# -- request ids are never reused --
+
+
+def test_a_start_after_a_hard_kill_continues_past_every_id_handed_out(tmp_path):
+    db = str(tmp_path / "ids.db")
+    first = prepare_database(db)
+    # The process handed out ids up to first.last_id + 1,000 and was killed before writing any row.
+    second = prepare_database(db)
+    assert second.last_id >= first.last_id + ID_BLOCK > first.last_id + 1_000
+
+
+def test_the_ledger_records_a_new_id_range_before_the_old_one_runs_out():
+    clock, db = Clock(), FakeDB()
+    calls = []
+    run = db.run
+    db.run = lambda fn, rows, *args: calls.append(args) or run(fn, rows)
+    ledger = Ledger(db.run, clock, last_id=0)
+    for _ in range(ID_BLOCK // 2 + 1):
+        ledger.next_id()
+    ledger.record(row(ledger))
+    clock.advance(Ledger.FLUSH_DELAY)
+    assert calls == [(ledger.last_id + ID_BLOCK,)]
+    ledger.record(row(ledger))
+    clock.advance(Ledger.FLUSH_DELAY)
+    assert calls[-1] == (0,)  # recorded already: the next batch records nothing new

@@ -297,7 +297,7 @@ class Proxy:
                 raise errors.bad_request("The request body is empty; send a JSON object.", "invalid_json")
             return
         try:
-            doc = _json.loads(call.body)
+            doc = _json.loads_request(call.body)
         except (ValueError, UnicodeDecodeError) as e:
             raise errors.bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(doc, dict):

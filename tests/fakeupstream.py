@@ -15,7 +15,8 @@ the model name:
 * ``no-usage-long``: no usage either, and the reply is ``LONG_REPLY`` (about
   40 KB): as JSON, or as a stream written at once;
 * ``set-cookie``: answers normally but sets a cookie;
-* ``truncate``: a JSON answer that breaks off before its Content-Length.
+* ``truncate``: a JSON answer that breaks off before its Content-Length;
+* ``huge-usage``: a chat answer whose usage counts 2**64 prompt tokens.
 """
 
 from __future__ import annotations
@@ -199,10 +200,13 @@ class FakeUpstream(Resource):
         if model == "no-usage-long":
             return self._long(request, model, stream)
         if not stream:
+            usage = _usage()
+            if model == "huge-usage":  # past SQLite's INTEGER range
+                usage["prompt_tokens"] = usage["total_tokens"] = 18446744073709551616
             return self._json(request, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}],
-                "usage": _usage(),
+                "usage": usage,
             })
         request.setHeader(b"content-type", b"text/event-stream")
         if model.startswith("big-"):

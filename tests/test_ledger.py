@@ -356,3 +356,48 @@ async def test_wrong_methods_get_openai_shaped_errors(start_proxy, http):
     doc = json.loads(await response.content())
     assert response.code == 405 and doc["error"]["code"] == "method_not_allowed"
     assert b"GET" in response.headers.getRawHeaders(b"allow")[0]
+
+
+# -- no request can stop the books --
+
+
+async def post_raw_json(http: Any, url: str, body: bytes) -> tuple[Any, Any]:
+    response = await http.request("POST", url, data=body, headers={b"content-type": [b"application/json"]})
+    return response, json.loads(await response.content())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a \\udfff lone surrogate"}]}',
+        b'{"model": "gpt-4o-mini", "temperature": NaN, "messages": []}',
+        b'{"model": "gpt-4o-mini", "temperature": 1e999, "messages": []}',
+        b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["surrogate-model", "surrogate-content", "nan", "overflow", "deep"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_body_greyfox_cannot_record_is_a_400_and_the_ledger_keeps_writing(start_proxy, http, body):
+    proxy = await start_proxy()
+    response, doc = await post_raw_json(http, proxy.v1 + "/chat/completions", body)
+    assert response.code == 400 and doc["error"]["code"] == "invalid_json", doc
+    assert not proxy.upstream.received
+    ok, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert ok.code == 200
+    assert [r["status"] for r in await rows(http, proxy)] == [200, 400]
+    code, health = await get_json(http, proxy.url + "/healthz")
+    assert code == 200, health
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_past_sqlites_integers_is_stored_flagged_and_the_ledger_keeps_writing(start_proxy, http):
+    proxy = await start_proxy()
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="huge-usage"))
+    assert response.code == 200
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    second, first = await rows(http, proxy)
+    assert first["prompt_tokens"] == 2**63 - 1 and "unstorable values replaced" in first["error"]
+    assert second["status"] == 200 and second["error"] is None
+    code, health = await get_json(http, proxy.url + "/healthz")
+    assert code == 200, health

@@ -35,7 +35,7 @@ from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, day_totals, make_pool, prepare_database, spill
+from ._store import Ledger, day_totals, make_pool, prepare_database, reserve_ids_txn, row_json, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -277,8 +277,13 @@ class GreyFoxService(MultiService):
                 path = spill(self.settings.db, rows)
                 log.warn("database not writable at shutdown: {n} ledger rows kept in {path}, inserted at next start",
                          n=len(rows), path=path)
-            except OSError as e:
-                log.error("LOST {n} ledger rows: database and side file both failed ({e})", n=len(rows), e=e)
+            except OSError as e:  # a full disk: the log is the last place left
+                log.critical("database and side file both failed ({e}): the {n} unsaved ledger rows follow, "
+                             "one JSON line each (greyfox_unsaved_row)", n=len(rows), e=e)
+                for row in rows:
+                    log.critical("greyfox_unsaved_row {row}", row=row_json(row))
+        if not self.ledger.pending:  # ids continue where they ended: no gap after a clean stop
+            yield self.dbpool.runInteraction(reserve_ids_txn, self.ledger.last_id).addErrback(lambda _: None)
         yield self.http.close()
         self.dbpool.close()
 

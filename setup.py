@@ -22,17 +22,16 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7",  # TLS: pyOpenSSL and service_identity, for HTTPS upstreams
         "klein>=24.8",
+        "treq>=24.9",
         "tiktoken>=0.8",
         "attrs>=23.1",
         "regex>=2023.0",
         "prometheus_client>=0.20",
-        "httptools>=0.6",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
-            "treq>=24.9",
             "hypothesis>=6.100",
             "openai>=1.40",
             "playwright>=1.40",

@@ -1,9 +1,8 @@
 # -*- test-case-name: tests.test_proxy -*-
-"""The console, admin API, health and metrics: every Klein route lives here and only here.
+"""The one Klein app: ``/v1``, the console, admin API, health and metrics.
 
-The service imports this module in a thread once the reactor runs, not
-before its port opens (Klein and Werkzeug take ~0.12 s to import);
-``/v1`` itself is ``_v1``.  Routes are thin: they call :class:`~greyfox._proxy.Proxy` or
+Every route lives here and only here.  Routes are thin: ``/v1`` hands the
+request to :func:`~greyfox._v1.serve_v1` (the proxy), the rest call
 :class:`~greyfox._api.Api` and turn results or :class:`ApiError` into
 responses.  Keeping Klein to this module means it could be swapped for plain
 ``twisted.web.resource`` without touching the logic.
@@ -29,6 +28,7 @@ from ._errors import ApiError
 from ._metrics import Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
+from ._v1 import serve_v1
 
 log = Logger()
 
@@ -59,6 +59,8 @@ class GreyFoxApp:
     """Binds the routes to one proxy, one API and one metrics registry."""
 
     app = Klein()
+    # A "//" in a path is the proxy's to refuse (400), not Werkzeug's to redirect.
+    app.url_map.merge_slashes = False
 
     def __init__(self, proxy: Proxy, api: Api, metrics: Metrics, admin_token: str | None) -> None:
         self.proxy = proxy
@@ -68,8 +70,13 @@ class GreyFoxApp:
         self._static = File(web_root())
 
     def resource(self) -> Any:
-        """Everything but ``/v1``: the admin API, health, metrics and the console."""
         return self.app.resource()
+
+    # -- the proxy --
+
+    @app.route("/v1", branch=True)
+    def v1(self, request: IRequest) -> bytes | Deferred[bytes]:
+        return serve_v1(self.proxy, request)
 
     # -- health and metrics --
 

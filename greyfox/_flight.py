@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
 
 from . import _json
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
-from ._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
-from ._routing import returned_fields
+from ._relay import BodyPump, BrokenOff, ClientGone, Fanout, StreamIdle, Subscriber
+from ._routing import as_fields, returned_fields
 from ._tokens import THREADED_COUNT_BYTES, IncrementalCounter, estimate_prompt_tokens
-from ._upstream import ResponseFailed
 from ._usage import StreamMeter, Usage, usage_of
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class Flight:
         self._failure: Failure | None = None
         self.usage: Usage | None = None
         self.usage_source = "none"
-        self._forwarding: Callable[[], None] | None = None  # cancels the upstream call
+        self._forwarding: Deferred[Any] | None = None  # the upstream call, until its response headers came
         self._pump: BodyPump | None = None
         self._to_settle: list["Call"] = []
         self._counting: Deferred[None] | None = None  # our own count of a long answer, in a thread
@@ -95,9 +95,9 @@ class Flight:
         return sub
 
     def start(self) -> None:
-        """Call the upstream.  Callbacks, not a coroutine: this runs for every relayed request."""
-        # (None when it is over already: nothing to cancel)
-        self._forwarding = self.proxy.forward(self.leader, _guarded(self._got_response, self._forward_failed, self._crashed))
+        """Call the upstream."""
+        self._forwarding = self.proxy.forward(self.leader)
+        self._forwarding.addBoth(_guarded(self._got_response, self._forward_failed, self._crashed))
 
     def settle_after(self, call: "Call") -> None:
         """Queue ``call``'s ledger row for when its usage is known."""
@@ -125,7 +125,7 @@ class Flight:
         watchdog, leader.watchdog = leader.watchdog, None  # (the read timer, for the body to reuse)
         self._forwarding = None
         self.response = response
-        content_type = (response.headers.first(b"content-type") or b"").lower()
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         self._content_type = content_type.decode("latin-1")
         if content_type.startswith(b"text/event-stream"):
             # (counts a stream's text as it passes, when it must; see StreamMeter)
@@ -159,28 +159,32 @@ class Flight:
 
     def _body_failed(self, failure: Failure) -> Failure | None:
         settings, leader = self.proxy.settings, self.leader
+        if failure.check(ClientGone, CancelledError):
+            self._conclude("client disconnected")
+            return None
         if failure.check(StreamIdle):
             error = f"stream idle for {settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
-            log.info("request {id}: {error}; stream ended", id=leader.id, error=error)
-        elif failure.check(ClientGone, CancelledError):
-            error = "client disconnected"
         elif failure.check(ResponseFailed):
             error = "upstream dropped the response: " + describe_failure(failure.value)
-            log.info("request {id}: {error}", id=leader.id, error=error)
         else:
             return failure
-        self._conclude(error)
+        log.info("request {id}: {error}; the client's response is aborted", id=leader.id, error=error)
+        self._conclude(error, broken=True)
         return None
 
-    def _conclude(self, error: str | None) -> None:
-        """The body is over: take usage, store a complete answer, end every client."""
+    def _conclude(self, error: str | None, broken: bool = False) -> None:
+        """The body is over: take usage, store a complete answer, end every client.
+
+        :param broken: the body broke off; clients still waiting get
+            :class:`BrokenOff`, so that their responses are aborted.
+        """
         code = self.response.code
         if not self.answered:  # _answered() took it when the stream said it was over
             self._take_usage(code)
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
             self._after_count(self._store, self._content_type)
-        self._finish(None, error)
+        self._finish(Failure(BrokenOff(error)) if broken else None, error)
 
     def _crashed(self, failure: Failure) -> None:
         """A bug on the relay path: log it, and answer the clients rather than leave them hanging."""
@@ -194,12 +198,10 @@ class Flight:
         call.status = response.code
         request = sub.request
         request.setResponseCode(response.code)
-        for name, values in returned_fields(response.headers.fields):
+        for name, values in returned_fields(as_fields(response.headers.getAllRawHeaders())):
             request.responseHeaders.setRawHeaders(name, values)
-        if self._meter is None:  # relayed byte for byte: the upstream's length holds (none after gzip)
-            length = response.headers.first(b"content-length")
-            if length is not None:
-                request.setHeader(b"Content-Length", length)
+        if self._meter is None and isinstance(response.length, int):  # relayed byte for byte (unknown after gzip)
+            request.setHeader(b"Content-Length", b"%d" % response.length)
 
     def _take_usage(self, code: int) -> None:
         """The upstream's usage if it sent one; otherwise our own count.
@@ -297,7 +299,7 @@ class Flight:
         if self.fanout is not None:
             self.fanout.leave(sub)
         elif all(s.gone for s, _ in self.subscribers) and self._forwarding is not None:
-            self._forwarding()
+            self._forwarding.cancel()
 
     def _answered(self) -> None:
         """The stream is complete: finish every client's response now."""

@@ -19,6 +19,9 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
 from . import _errors as errors, _json
@@ -28,14 +31,15 @@ from ._pricing import PriceTable
 from ._cache import Cache
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
-from ._routing import Route, bearer, forwarded_fields, resolve, upstream_authorization, upstream_url
+from ._routing import (
+    Fields, Route, as_fields, bearer, first_value, forwarded_fields, path_problem, resolve, upstream_authorization,
+    upstream_url,
+)
 from ._store import Ledger, LedgerRow
 from ._watchdog import Watchdog
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
-from ._upstream import ResponseFailed, ResponseNeverReceived
 from ._usage import Usage
-from ._wire import Fields, as_fields, first_value
 
 log = Logger()
 
@@ -44,6 +48,8 @@ JSON_ENDPOINTS = frozenset({b"/chat/completions", b"/completions", b"/embeddings
 #: Streams for which GreyFox asks the upstream for a usage chunk.
 USAGE_CHUNK_ENDPOINTS = frozenset({b"/chat/completions", b"/completions"})
 MAX_USER_ID = 128
+#: The methods the OpenAI and Anthropic APIs use; any other (TRACE, CONNECT, ...) is refused, never relayed.
+RELAYED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -255,7 +261,13 @@ class Proxy:
             self.settle(call)
 
     def parse(self, call: Call, request: IRequest) -> None:
-        """Check credentials and the body; nothing reaches the upstream before this passes."""
+        """Check the path, credentials and the body; nothing reaches the upstream before this passes."""
+        if call.method not in RELAYED_METHODS:
+            raise ApiError(405, f"{call.method} is not relayed.", "invalid_request_error", "method_not_allowed",
+                           headers=(("Allow", ", ".join(sorted(RELAYED_METHODS))),))
+        problem = path_problem(call.subpath + (b"?" + call.query if call.query else b""))
+        if problem is not None:
+            raise errors.bad_request(f"Invalid path /v1{call.subpath.decode('latin-1')}: {problem}.", "invalid_path")
         headers = _fields_of(request)
         call.forward_headers = forwarded_fields(headers)
         call.client_authorization = first_value(headers, b"authorization")
@@ -278,10 +290,7 @@ class Proxy:
             request, "body_too_large", False
         ):
             raise errors.too_large(limit)
-        body = getattr(request, "body", None)  # (GreyFox's server: the bytes as parsed)
-        if body is not None:
-            call.body = body
-        elif request.content is not None:  # twisted.web's
+        if request.content is not None:
             request.content.seek(0)
             call.body = request.content.read(limit + 1)
         if len(call.body) > limit:
@@ -445,59 +454,60 @@ class Proxy:
         if remaining is not None:
             request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
 
-    def forward(self, call: Call, then: Callable[[Any], None]) -> Callable[[], None] | None:
-        """Send the request upstream; ``then`` gets the response once its
-        headers arrive, or a :class:`Failure` of the :class:`ApiError` the
-        client will see (``CancelledError`` when the call was cancelled).
+    def forward(self, call: Call) -> Deferred[Any]:
+        """Send the request upstream.
 
-        Returns the function that cancels the call, or ``None`` when ``then``
-        was called already.  Plain callbacks, no Deferred: this runs for every
-        relayed request.  With the response, ``call.watchdog`` is left running
-        for the body to time its own silences on (one DelayedCall for the call).
+        Fires with the response once its headers arrive, or fails with the
+        :class:`ApiError` the client will see (``CancelledError`` when the
+        call was cancelled); cancelling it aborts the call.  With the
+        response, ``call.watchdog`` is left running for the body to time its
+        own silences on (one DelayedCall for the call).
         """
         assert call.route is not None
         upstream = call.route.upstream
-        headers = call.forward_headers
+        headers = Headers(dict(call.forward_headers))
         auth = upstream_authorization(upstream, call.client_authorization, self.settings.client_token is not None)
         if auth is not None:
-            headers = [*headers, (b"Authorization", [auth])]
+            headers.setRawHeaders(b"Authorization", [auth])
         url = upstream_url(upstream, call.subpath, call.query)
-        timed_out: list[bool] = []
-        answered_now: list[bool] = []
+        why: list[str] = []  # why it was cancelled, if it was: "timeout" or "cancelled"
 
         def expire() -> None:
-            timed_out.append(True)
-            cancel()
+            why.append("timeout")
+            sending.cancel()
 
         s = self.settings
         watchdog = call.watchdog = Watchdog(self.clock, s.read_timeout, expire, look_within=s.stream_idle_timeout)
 
-        def answered(result: Any) -> None:
-            answered_now.append(True)
-            if isinstance(result, Failure):
-                call.watchdog = None
-                watchdog.stop()
-                result = Failure(self._forward_error(result.value, upstream.name, bool(timed_out)))
-            then(result)
+        def failed(failure: Failure) -> Failure:
+            call.watchdog = None
+            watchdog.stop()
+            return Failure(self._forward_error(failure.value, upstream.name, why[0] if why else None))
 
-        cancel = self.http.send(call.method.encode("ascii"), url, headers, call.body or None, answered)
-        return None if answered_now else cancel
+        def cancel(d: Deferred[Any]) -> None:
+            why.append("cancelled")
+            sending.cancel()
 
-    def _forward_error(self, e: BaseException, upstream: str, timed_out: bool) -> BaseException:
+        sending = self.http.request(call.method, url, headers, call.body or None)
+        answer: Deferred[Any] = Deferred(cancel)
+        sending.addErrback(failed).chainDeferred(answer)
+        return answer
+
+    def _forward_error(self, e: BaseException, upstream: str, cancelled: str | None) -> BaseException:
         """What a client is told when its upstream call failed before the response headers."""
-        if timed_out:
+        if cancelled == "timeout":
             return errors.gateway_timeout(
                 f"Upstream {upstream!r} sent no response headers within "
                 f"{self.settings.read_timeout:g} s (GREYFOX_READ_TIMEOUT)."
             )
-        if isinstance(e, CancelledError):
-            return e
+        if cancelled is not None:
+            return CancelledError()
         if isinstance(e, ConnectTimeout):
             return errors.gateway_timeout(
                 f"Upstream {upstream!r} did not accept a connection within "
                 f"{self.settings.connect_timeout:g} s (GREYFOX_CONNECT_TIMEOUT)."
             )
-        if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed)):
+        if isinstance(e, (ConnectError, DNSLookupError, ResponseFailed, RequestTransmissionFailed)):
             return errors.bad_gateway(f"Upstream {upstream!r} is unreachable: {errors.describe_failure(e)}")
         return e
 
@@ -556,11 +566,8 @@ class Proxy:
 
 
 def _fields_of(request: IRequest) -> Fields:
-    """The request's header fields by lower-cased name: as GreyFox's server
-    parsed them, or gathered from twisted.web's ``Headers`` (a bridged connection)."""
-    headers = request.requestHeaders
-    fields = getattr(headers, "fields", None)
-    return fields if fields is not None else as_fields(headers.getAllRawHeaders())
+    """The request's header fields by lower-cased name."""
+    return as_fields(request.requestHeaders.getAllRawHeaders())
 
 
 def _max_output(doc: dict[str, Any], subpath: bytes, default: int) -> int:

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from ._upstream import PotentialDataLoss, ResponseDone
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from zope.interface import implementer
 
 from ._sse import SSEParser
@@ -33,6 +33,10 @@ Piece = tuple[bytes, bool]
 
 class StreamIdle(Exception):
     """No byte moved for the idle timeout."""
+
+
+class BrokenOff(Exception):
+    """The body broke off (the upstream dropped or went silent) after the response began."""
 
 
 class ClientGone(Exception):

@@ -3,12 +3,34 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
+from urllib.parse import unquote_to_bytes
 
 import attr
 
 from ._config import Upstream
-from ._wire import Fields
+
+#: Lower-cased name -> (the name as it came, its values), in arrival order.
+Fields = dict[bytes, tuple[bytes, list[bytes]]]
+
+
+def as_fields(headers: Iterable[tuple[bytes, list[bytes]]]) -> Fields:
+    """``(name, values)`` pairs (twisted.web's ``Headers.getAllRawHeaders``) as :data:`Fields`."""
+    fields: Fields = {}
+    for name, values in headers:
+        key = name.lower()
+        field = fields.get(key)
+        if field is None:
+            fields[key] = (name, list(values))
+        else:
+            field[1].extend(values)
+    return fields
+
+
+def first_value(fields: Fields, lower: bytes) -> bytes | None:
+    """A field's first value; ``lower``: its name in lower case."""
+    field = fields.get(lower)
+    return None if field is None else field[1][0]
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the relay re-frames itself:
 # the upstream client decodes gzip and de-chunks, the server re-frames the response.
@@ -100,6 +122,26 @@ def upstream_authorization(upstream: Upstream, client_authorization: bytes | Non
     if client_token_set:
         return None
     return client_authorization
+
+
+def path_problem(target: bytes) -> str | None:
+    """Why a ``/v1`` request target (after ``/v1``) must not be appended to an
+    upstream's base URL, or ``None`` when it may.
+
+    A dot segment (``/v1/../x``, plain or percent-encoded) or an empty one
+    would reach other paths of the upstream with GreyFox's key; a backslash
+    is a separator to some servers; bytes outside ASCII are not a URL.
+    """
+    path, _, query = target.partition(b"?")
+    if not target.isascii() or any(c < 0x21 or c == 0x7F for c in target):
+        return "a URL holds printable ASCII only"
+    decoded = unquote_to_bytes(path)
+    if b"\\" in decoded:
+        return "a backslash is not allowed"
+    segments = decoded.split(b"/")[1:]
+    if any(segment in (b"", b".", b"..") for segment in segments) and target != b"/":
+        return "empty, '.' and '..' segments are not allowed"
+    return None
 
 
 def upstream_url(upstream: Upstream, subpath: bytes, query: bytes = b"") -> bytes:

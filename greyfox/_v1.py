@@ -1,91 +1,62 @@
 # -*- test-case-name: tests.test_proxy -*-
-"""``/v1``: one request handed to the proxy and answered, on either HTTP server.
+"""``/v1``: one request handed to the proxy, and its outcome handed back to Klein.
 
-No Klein here: ``/v1`` is served by ``_server.Channel`` (or, on a connection
-twisted.web serves, by :class:`ProxyResource`), and the Klein app for the
-rest (``_app``) is imported in a thread after start.
+The Klein route (``_app``) returns what :func:`serve_v1` returns: the body
+to finish the response with, or a Deferred of it.  Klein writes it and
+finishes the request, and cancels the Deferred when the client hangs up
+(which cancels the proxy's work).  What is left here is what Klein cannot
+know: a shutdown that ran out of grace is a 503, a bug a 500, and a response
+whose upstream broke off after its headers were relayed is aborted, never
+finished as if complete.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
+from . import _errors as errors
 from ._errors import ApiError
 from ._proxy import Proxy
-from ._server import V1Request
+from ._relay import BrokenOff
 
 log = Logger()
 
 
-def serve_v1(proxy: Proxy, request: Any) -> None:
-    """Serve one ``/v1`` request to its end, on either HTTP server.
-
-    Cancels the proxy's work when the client leaves; answers 503 when a
-    shutdown cancelled it, 500 (and logs) when GreyFox itself failed.  Both
-    servers set ``request.channel`` to ``None`` when the client is gone.
-    """
-    subpath = request.path[len(b"/v1") :] or b"/"
-    outcome = proxy.handle(request, subpath)
+def serve_v1(proxy: Proxy, request: IRequest) -> bytes | Deferred[bytes]:
+    """Serve one ``/v1`` request; the shutdown waits for what is in :attr:`Proxy.in_flight`."""
+    outcome = proxy.handle(request, request.path[len(b"/v1") :] or b"/")
     if isinstance(outcome, bytes):  # answered at once (a cache hit, a refusal)
-        _finish(request, outcome)
-        return
-    d = outcome
-    proxy.in_flight.add(d)
+        return outcome
+    proxy.in_flight.add(outcome)
 
-    def gone(failure: Any) -> None:
-        d.cancel()
+    def ended(result: Any) -> Any:
+        proxy.in_flight.discard(outcome)
+        if isinstance(result, Failure):
+            return _failed(request, result)
+        return result
 
-    if isinstance(request, V1Request):
-        request.on_lost = gone
+    return outcome.addBoth(ended)
+
+
+def _failed(request: Any, failure: Failure) -> bytes | Failure:
+    if request.channel is None or request.finished:
+        return failure  # the client left: Klein has nothing to answer (and logs no CancelledError)
+    if failure.check(BrokenOff):
+        error = errors.bad_gateway(f"The upstream's answer broke off: {failure.value}.")
+    elif failure.check(CancelledError):  # cancelled by a shutdown that ran out of grace
+        error = ApiError(503, "GreyFox is shutting down; retry.", "server_error", "shutting_down")
     else:
-        request.notifyFinish().addErrback(gone)
-
-    def respond(body: bytes) -> None:
-        proxy.in_flight.discard(d)
-        _finish(request, body)
-
-    def failed(failure: Any) -> None:
-        proxy.in_flight.discard(d)
-        if request.channel is None or request.finished:
-            return  # the client left; nothing to answer
-        if failure.check(CancelledError):  # cancelled by a shutdown that ran out of grace
-            error = ApiError(503, "GreyFox is shutting down; retry.", "server_error", "shutting_down")
-        else:
-            log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
-            error = ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
-        if not request.startedWriting:
-            request.setResponseCode(error.status)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(error.to_bytes())
-        request.finish()
-
-    d.addCallbacks(respond, failed)
-
-
-def _finish(request: Any, body: bytes) -> None:
-    """End the response with ``body``, unless the client has gone."""
-    if request.channel is not None and not request.finished:
-        if body:
-            request.write(body)
-        request.finish()
-
-
-class ProxyResource(Resource):
-    """``/v1/*`` on connections that twisted.web serves (see ``_server``): the
-    proxy without Klein's routing, which costs about 0.15 ms a request."""
-
-    isLeaf = True
-
-    def __init__(self, proxy: Proxy) -> None:
-        super().__init__()
-        self.proxy = proxy
-
-    def render(self, request: IRequest) -> Any:
-        serve_v1(self.proxy, request)
-        return NOT_DONE_YET
+        log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
+        error = ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
+    if request.startedWriting:  # the client must not take what it got for a whole answer
+        request.transport.abortConnection()
+        return b""
+    request.setResponseCode(error.status)
+    request.responseHeaders.removeHeader(b"content-length")  # (the upstream's, if its headers were set)
+    request.setHeader(b"content-type", b"application/json")
+    return error.to_bytes()

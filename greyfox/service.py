@@ -10,7 +10,6 @@ the pools.
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import sys
 from typing import Any, Callable
@@ -24,13 +23,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._api import Api
+from ._app import GreyFoxApp
 from ._cache import Cache
 from ._collector import FullCollections
 from ._config import Settings
-from ._http import QuietSite, WhenLoaded, no_delay_listening
-from ._server import ServerFactory
+from ._http import QuietSite, no_delay_listening
 from ._upstream import UpstreamClient
-from ._v1 import ProxyResource, serve_v1
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
@@ -185,28 +183,13 @@ class GreyFoxService(MultiService):
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
                        self.cache, self.cache_stats, self.quotas)
-        # The console, API, health and metrics (Klein) load in a thread once the
-        # reactor runs: not on the way to the first relayed request.
-        self._web: defer.Deferred[Any] = defer.Deferred()
-        self._web_loading = False
-        self.site = QuietSite(WhenLoaded(self._web), max_body=settings.max_body_bytes, v1=ProxyResource(self.proxy))
+        app = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
+        self.site = QuietSite(app.resource(), max_body=settings.max_body_bytes)
         self.site.displayTracebacks = False
-        # /v1 on GreyFox's own HTTP/1.1 protocol; everything else on twisted.web.
-        self.server = ServerFactory(self.site, lambda request: serve_v1(self.proxy, request),
-                                    settings.max_body_bytes, reactor)
-        self.listener = _Listener(reactor, settings.listen, self.server)
+        self.listener = _Listener(reactor, settings.listen, self.site)
         self.listener.setServiceParent(self)
         self._seen_id = self.ledger.last_id
         FullCollections(reactor, busy=self._busy).setServiceParent(self)
-
-    def _load_web(self) -> None:
-        if self._web_loading:  # (a restarted service keeps what it loaded, or is loading)
-            return
-        self._web_loading = True
-        importing = in_thread(self.reactor, importlib.import_module, "greyfox._app")
-        importing.addCallback(
-            lambda app: app.GreyFoxApp(self.proxy, self.api, self.metrics, self.settings.admin_token).resource()
-        ).chainDeferred(self._web)
 
     def _busy(self) -> bool:
         """Whether a request is in flight or arrived since the last time this was asked.
@@ -240,7 +223,6 @@ class GreyFoxService(MultiService):
         gc.collect()
         gc.freeze()
         super().startService()
-        self.reactor.callWhenRunning(self._load_web)
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
 

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
@@ -217,22 +217,39 @@ async def test_no_response_headers_in_time_is_504(start_proxy, http):
     assert "GREYFOX_READ_TIMEOUT" in json.loads(body)["error"]["message"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_silent_stream_is_ended_after_the_idle_timeout(start_proxy, http):
-    proxy = await start_proxy(GREYFOX_STREAM_IDLE_TIMEOUT="0.3")
-    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="stall-after-2", stream=True))
+async def broken_off(http: Any, url: str, doc: Any) -> bytes:
+    """POST ``doc``; the body the client got before its response was aborted (fails if it ended cleanly)."""
+    from twisted.web.client import ResponseFailed
+
+    response = await http.post(url, data=json.dumps(doc).encode(), headers={b"content-type": [b"application/json"]})
     assert response.code == 200
+    got: list[bytes] = []
+    try:
+        await response.collect(got.append)
+    except ResponseFailed:
+        return b"".join(got)
+    raise AssertionError(f"a broken-off answer ended as if complete: {b''.join(got)!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_stream_is_aborted_after_the_idle_timeout(start_proxy, http):
+    proxy = await start_proxy(GREYFOX_STREAM_IDLE_TIMEOUT="0.3")
+    body = await broken_off(http, proxy.v1 + "/chat/completions", dict(CHAT, model="stall-after-2", stream=True))
     assert body.count(b"data: ") == 2
     assert await _wait(proxy.upstream.lost[0], 2.0) is True
+    await eventually(lambda: proxy.service.ledger.pending == 0 and proxy.service.ledger.written == 1)
+    [row] = (await proxy.service.api.requests({}))[1]["requests"]
+    assert "GREYFOX_STREAM_IDLE_TIMEOUT" in row["error"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_dropping_mid_stream_ends_the_client_stream(start_proxy, http):
+async def test_upstream_dropping_mid_stream_aborts_the_client_stream(start_proxy, http):
     proxy = await start_proxy()
-    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="drop-after-2", stream=True))
-    assert response.code == 200
+    body = await broken_off(http, proxy.v1 + "/chat/completions", dict(CHAT, model="drop-after-2", stream=True))
     assert body.count(b"data: ") == 2
     assert b"[DONE]" not in body
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and the proxy serves on
+    assert response.code == 200
 
 
 @pytest_twisted.ensureDeferred
@@ -430,10 +447,10 @@ async def test_an_instant_upstream_failure_is_a_502_not_a_hang(start_proxy, http
 
     proxy = await start_proxy()
 
-    def send(*args: Any) -> None:
-        args[-1](Failure(SchemeNotSupported("gopher")))  # told at once, before send returns
+    def request(*args: Any) -> Deferred[Any]:
+        return fail(Failure(SchemeNotSupported("gopher")))  # failed already when it returns
 
-    proxy.service.proxy.http.send = send
+    proxy.service.proxy.http.request = request
     d = Deferred.fromCoroutine(post_json(http, proxy.v1 + "/chat/completions", CHAT))
     response, body = await _wait(d, 5)
     assert response.code == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from greyfox._relay import BodyPump, ClientGone, Fanout, StreamIdle, Subscriber
 from greyfox._watchdog import Watchdog
 from greyfox._tokens import IncrementalCounter
-from greyfox._upstream import ResponseDone
+from twisted.web.client import ResponseDone
 from greyfox._usage import StreamMeter
 
 

@@ -2,7 +2,7 @@
 
 from greyfox._config import Upstream
 from greyfox._routing import forwarded_fields, resolve, returned_fields, upstream_authorization, upstream_url
-from greyfox._wire import as_fields
+from greyfox._routing import as_fields
 
 UPSTREAMS = {
     "openai": Upstream("openai", "https://api.openai.com/v1", "sk-o"),

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from klein import Klein
 from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import BaseConverter
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -55,12 +56,21 @@ def _error(request: IRequest, e: ApiError) -> bytes:
     return _json(request, e.status, e.body())
 
 
+class _Rest(BaseConverter):
+    """The rest of a path, whatever it holds (Werkzeug's ``path`` wants a first character that is not "/")."""
+
+    regex = ".*"
+    part_isolating = False
+
+
 class GreyFoxApp:
     """Binds the routes to one proxy, one API and one metrics registry."""
 
     app = Klein()
-    # A "//" in a path is the proxy's to refuse (400), not Werkzeug's to redirect.
+    # Every /v1 path reaches the proxy, "//" and all: it is the proxy's to refuse
+    # (400), not Werkzeug's to redirect or the console's to miss.
     app.url_map.merge_slashes = False
+    app.url_map.converters["rest"] = _Rest
 
     def __init__(self, proxy: Proxy, api: Api, metrics: Metrics, admin_token: str | None) -> None:
         self.proxy = proxy
@@ -74,8 +84,9 @@ class GreyFoxApp:
 
     # -- the proxy --
 
-    @app.route("/v1", branch=True)
-    def v1(self, request: IRequest) -> bytes | Deferred[bytes]:
+    @app.route("/v1")
+    @app.route("/v1/<rest:rest>")
+    def v1(self, request: IRequest, rest: str = "") -> bytes | Deferred[bytes]:
         return serve_v1(self.proxy, request)
 
     # -- health and metrics --

@@ -53,8 +53,9 @@ HOP_BY_HOP = frozenset(
 )
 
 # Never sent upstream: GreyFox's own credential and controls, client cookies,
-# and Accept-Encoding (the HTTP client asks for gzip and decodes it itself).
-_NOT_FORWARDED = frozenset({b"authorization", b"cookie", b"accept-encoding", b"x-app-user-id"})
+# Accept-Encoding (the HTTP client asks for gzip and decodes it itself) and
+# Expect (twisted.web answered the client's 100-continue; the body is here).
+_NOT_FORWARDED = frozenset({b"authorization", b"cookie", b"accept-encoding", b"x-app-user-id", b"expect"})
 
 # Never relayed back: an upstream's cookies are not the client's business.
 _NOT_RELAYED = frozenset({b"set-cookie", b"set-cookie2"})

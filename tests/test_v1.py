@@ -1,0 +1,113 @@
+"""The /v1 front end on twisted.web and treq: what a request may not smuggle in or out.
+
+Real sockets: raw requests to GreyFox, the fake upstream (or a TLS one) behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from .conftest import post_json
+from .test_proxy import CHAT, RawClient, _wait, raw_post
+
+
+async def raw(proxy: Any, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; everything GreyFox answered once it closed."""
+    port = proxy.service.port.getHost().port
+    client = RawClient(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await _wait(client.closed, 5)
+    return client.received
+
+
+def status_and_doc(answer: bytes) -> tuple[int, Any, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():  # one chunk, then the last
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[: int(size, 16)]
+    return int(head.split(b" ")[1]), json.loads(body), head
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/v1/../admin",
+        b"/v1/models/../../secret",
+        b"/v1/%2e%2e/admin",
+        b"/v1/%2E./admin",
+        b"/v1/./models",
+        b"/v1//models",
+        b"/v1/files/..%2Fx",
+        b"/v1/models\\..\\x",
+        b"/v1/mod%5cels",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_path_that_could_leave_the_upstreams_base_is_a_400_and_never_forwarded(start_proxy, path):
+    proxy = await start_proxy()
+    answer = await raw(proxy, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, doc, head = status_and_doc(answer)
+    assert status == 400 and doc["error"]["code"] == "invalid_path", doc
+    assert b"x-greyfox-request-id" in head.lower()
+    assert not proxy.upstream.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_path_with_bytes_outside_ascii_is_refused_before_it_reaches_greyfox(start_proxy):
+    proxy = await start_proxy()
+    answer = await raw(proxy, b"GET /v1/mod\xc3\xa9ls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")  # (twisted.web's own refusal)
+    assert not proxy.upstream.received
+
+
+@pytest.mark.parametrize("method", [b"TRACE", b"CONNECT", b"PROPFIND"])
+@pytest_twisted.ensureDeferred
+async def test_only_the_apis_methods_are_relayed(start_proxy, method):
+    proxy = await start_proxy()
+    answer = await raw(proxy, method + b" /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, doc, _ = status_and_doc(answer)
+    assert status == 405 and doc["error"]["code"] == "method_not_allowed"
+    assert not proxy.upstream.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_requests_trailer_is_not_taken_for_a_header(start_proxy):
+    proxy = await start_proxy(GREYFOX_CLIENT_TOKEN="gf-client")
+    body = json.dumps(CHAT).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer gf-client\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n" % len(body) + body + b"\r\n0\r\nX-App-User-Id: mallory\r\nAuthorization: Bearer other\r\n\r\n"
+    )
+    status, doc, _ = status_and_doc(await raw(proxy, request))
+    assert status == 200, doc
+    [seen] = proxy.upstream.received
+    assert seen.header("x-app-user-id") is None and "other" not in json.dumps(seen.headers)
+    await proxy.service.ledger.flush()
+    [row] = (await proxy.service.api.requests({}))[1]["requests"]
+    assert row["user"] == "anonymous"
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_continue_is_answered_here_not_forwarded(start_proxy):
+    proxy = await start_proxy()
+    request = raw_post(0, CHAT, headers=b"Expect: 100-continue\r\n")
+    answer = await raw(proxy, request)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+    [seen] = proxy.upstream.received
+    assert seen.header("expect") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_cookie_never_reaches_another_request(start_proxy, http):
+    proxy = await start_proxy()
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="set-cookie"))
+    assert response.code == 200 and response.headers.getRawHeaders(b"set-cookie") is None
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="other"))
+    assert proxy.upstream.received[-1].header("cookie") is None

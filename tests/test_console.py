@@ -30,8 +30,8 @@ except ImportError:  # pragma: no cover - the test extra installs it
 
 if (CHROMIUM is None or sync_playwright is None) and os.environ.get("CI"):
     raise RuntimeError("CI must run the browser tests: install Debian's chromium and the test extra (.ci/run does)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or sync_playwright is None,
-                                reason="needs Debian's chromium and playwright (pip install '.[test]')")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None or sync_playwright is None,
+                                                      reason="needs Debian's chromium and playwright (pip install '.[test]')")]
 
 
 def call(url: str, body: Any = None, method: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:

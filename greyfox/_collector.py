@@ -4,8 +4,7 @@
 A full pass walks every container object the process holds, and the cache
 index (two objects per stored answer) grows with use: under load, passes of
 30-60 ms came every few seconds (CPython starts one whenever long-lived
-objects grew by a quarter), and every connection waited through each.  They
-were most of the relay's p99 at concurrency 16 (bench/README.md).
+objects grew by a quarter), and every connection waited through each.
 
 So the automatic full pass is turned off; the young generations still
 collect as usual.  A full pass runs from the reactor, between events, when

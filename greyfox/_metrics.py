@@ -2,8 +2,7 @@
 """Prometheus metrics, counted in plain dicts per request and exposed at scrape time.
 
 ``prometheus_client``'s labelled metrics take a lock and look up a child per
-call: four of them per request cost more than the ledger row (bench/README.md).
-So requests add to plain counters here, and a custom collector turns them
+call, for every request.  So requests add to plain counters here, and a custom collector turns them
 into metric families only when ``/metrics`` is scraped (the library's own
 pattern for exporters).  A private registry: the text exposition is a pure
 function, so it fits a Twisted process with no extra thread or server.  The

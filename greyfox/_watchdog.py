@@ -13,8 +13,8 @@ class Watchdog:
 
     An upstream call has two silences to time (no response headers within the
     read timeout, then no body byte within the idle timeout), and a stream
-    moves many times a second: making a DelayedCall per stage and moving it
-    per chunk showed in the profile.  :meth:`touch` only notes the time; the
+    moves many times a second: moving a DelayedCall per chunk would reorder
+    the reactor's timer heap each time.  :meth:`touch` only notes the time; the
     DelayedCall, when it fires early, arms itself again for what is left.
     """
 

@@ -219,7 +219,7 @@ class GreyFoxService(MultiService):
         # What exists now (modules, settings, the cache index loaded from the
         # database) lives as long as the process: freeze it, so that the
         # collector's full passes, which stop every connection, do not walk it
-        # again (they took 30-55 ms each under load; bench/README.md).
+        # again.
         gc.collect()
         gc.freeze()
         super().startService()

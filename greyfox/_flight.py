@@ -127,13 +127,9 @@ class Flight:
         self.response = response
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         self._content_type = content_type.decode("latin-1")
-        if content_type.startswith(b"text/event-stream"):
-            # (counts a stream's text as it passes, when it must; see StreamMeter)
+        if content_type.startswith(b"text/event-stream"):  # counted as it passes (see StreamMeter)
             self._counter = IncrementalCounter(None, resolve=lambda: proxy.encoding_for(leader.model or ""))
-            # A Responses stream always ends with its usage (response.completed):
-            # past what is kept, the meter need not count its text on the way.
-            expect = leader.asks_for_usage or leader.subpath == b"/responses"
-            self._meter = StreamMeter(self._counter, expect_usage=expect)
+            self._meter = StreamMeter(self._counter)
             keep = MAX_STREAM_KEEP
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0
@@ -206,19 +202,18 @@ class Flight:
     def _take_usage(self, code: int) -> None:
         """The upstream's usage if it sent one; otherwise our own count.
 
-        Counting a long answer's text takes tens of ms (tiktoken, ~0.3 µs a
-        token): past ``THREADED_COUNT_BYTES`` it runs in the reactor's thread
-        pool (``_counting``), clients are answered meanwhile, and the ledger
-        rows and the cache entry wait for it.
+        A stream's text was counted as it passed.  A JSON answer's text, and a
+        prompt admission did not count, are counted now: past
+        ``THREADED_COUNT_BYTES`` in the reactor's thread pool.  While the
+        tokenizers are still loading, or a count runs in a thread
+        (``_counting``), clients are answered and the ledger rows and the
+        cache entry wait for it.
         """
-        meter, leader = self._meter, self.leader
+        meter, leader, proxy = self._meter, self.leader, self.proxy
         if meter is not None and meter.usage is not None:
             self.usage, self.usage_source = meter.usage, "upstream"
+            proxy.on_stream_counted(leader, meter.usage.completion_tokens, self._counter)
             return
-        raws: list[bytes] = []
-        if meter is not None and not meter.eager and not meter.blind and self.fanout is not None:
-            raws = [raw for raw, _ in self.fanout.kept]  # no usage came: count the text of what was kept
-            meter.eager = True  # and of what still comes, as it comes
         doc = None
         body = self.fanout.body() if self.fanout is not None and meter is None else None
         if body:
@@ -230,15 +225,37 @@ class Flight:
                 return
         if leader.doc is None or code >= 400:
             return
-        enc = self.proxy.encoding_for(leader.model or "")
+        enc = proxy.encoding_for(leader.model or "")
+        if enc is not None:
+            self._count(enc, doc)
+            return
+        # The tokenizers are loading (they load once, on first need): count when they are in.
+        waiting = self._counting = proxy.load_encodings()
+        proxy.counting.add(waiting)  # (a shutdown waits for it: its rows are not queued yet)
+
+        def loaded(_: Any) -> Deferred[None] | None:
+            proxy.counting.discard(waiting)
+            self._counting = None
+            self._count(proxy.encoding_for(leader.model or ""), doc)
+            return self._counting  # (a count in a thread, if the answer is long)
+
+        waiting.addCallback(loaded).addErrback(self._count_failed)
+
+    def _count(self, enc: Any, doc: Any) -> None:
+        """Our own count of the answer (``doc``, or the stream's counter) and, if
+        admission did not count it, of the prompt: now, or in a thread if long."""
+        leader, counter = self.leader, self._counter
+        if counter is not None:
+            counter.resolve(enc)
         prompt = leader.prompt_estimate  # counted for admission already, when limits needed it
-        job = (enc, raws, doc, leader.doc if prompt is None else None)
-        size = sum(map(len, raws)) + len(body or b"") + (len(leader.body) if prompt is None else 0)
+        job = (enc, doc, leader.doc if prompt is None else None)
+        size = (len(self.fanout.body() or b"") if doc is not None and self.fanout is not None else 0) + (
+            len(leader.body) if prompt is None else 0)
         if enc is None or size <= THREADED_COUNT_BYTES:
             self._counted(count_answer(*job), prompt)
             return
         counting = self._counting = self.proxy.run_in_thread(count_answer, *job)
-        self.proxy.counting.add(counting)  # (a shutdown waits for it: its rows are not queued yet)
+        self.proxy.counting.add(counting)
 
         def counted(counts: tuple[int, int | None]) -> None:
             self._counting = None
@@ -249,11 +266,10 @@ class Flight:
 
     def _counted(self, counts: tuple[int, int | None], prompt: int | None) -> None:
         text_tokens, counted_prompt = counts
-        meter = self._meter
-        if meter is None and text_tokens == 0 and self.leader.subpath != b"/embeddings":
+        counter = self._counter  # (a stream's: its text counted on the way)
+        if counter is None and text_tokens == 0 and self.leader.subpath != b"/embeddings":
             return  # nothing generated: no usage to estimate (an embedding's is all prompt)
-        counter = self._counter  # (a stream's: its text counted on the way, if any)
-        completion = text_tokens + (counter.total if counter is not None else 0) + (meter.rough_tokens() if meter is not None else 0)
+        completion = text_tokens + (counter.total if counter is not None else 0)
         self.usage = Usage(prompt if prompt is not None else counted_prompt or 0, completion)
         self.usage_source = "estimated"
 
@@ -401,16 +417,13 @@ def _json_of(body: bytes) -> Any:
         return _NOT_JSON
 
 
-def count_answer(enc: Any, raws: list[bytes], doc: Any, prompt_doc: dict[str, Any] | None) -> tuple[int, int | None]:
-    """Our own count of an answer that came without usage: (tokens of the
+def count_answer(enc: Any, doc: Any, prompt_doc: dict[str, Any] | None) -> tuple[int, int | None]:
+    """Our own count of a JSON answer that came without usage: (tokens of the
     generated text, tokens of the prompt or ``None`` when not asked).
 
-    ``raws``: a stream's events; ``doc``: a parsed JSON answer.  Pure, on
-    fresh objects, so that it can run in a thread.
+    Pure, on fresh objects, so that it can run in a thread.
     """
     counter = IncrementalCounter(enc)
-    if raws:
-        StreamMeter(counter).catch_up(raws)
     if doc is not None:
         _feed_completion_text(counter, doc)
     return counter.total, (estimate_prompt_tokens(enc, prompt_doc) if prompt_doc is not None else None)

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Our count of a stream's completion tokens minus the upstream's (tokens).
+DIFFERENCE_BUCKETS = (-100, -10, -1, 0, 1, 10, 100)
+
+
+def _histogram(bounds: tuple[float, ...]) -> list[int]:
+    return [0] * (len(bounds) + 1)  # the last one is +Inf
 
 
 class Metrics:
@@ -33,8 +39,10 @@ class Metrics:
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.cost: defaultdict[str, float] = defaultdict(float)
         self.saved_tokens = 0
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.latency_counts = _histogram(LATENCY_BUCKETS)
         self.latency_sum = 0.0
+        self.difference_counts = _histogram(DIFFERENCE_BUCKETS)
+        self.difference_sum = 0
         self._registry: Any = None
 
     def observe(self, row: LedgerRow) -> None:
@@ -50,6 +58,11 @@ class Metrics:
             seconds = row.latency_ms / 1000
             self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum += seconds
+
+    def count_difference(self, tokens: int) -> None:
+        """A stream with upstream usage: our count of its completion minus the upstream's."""
+        self.difference_counts[bisect_left(DIFFERENCE_BUCKETS, tokens)] += 1
+        self.difference_sum += tokens
 
     # -- the collector --
 
@@ -72,12 +85,15 @@ class Metrics:
             cost.add_metric([upstream], usd)
         yield cost
         yield CounterMetricFamily("greyfox_cache_saved_tokens", "Tokens answered from the cache", value=self.saved_tokens)
-        buckets, running = [], 0
-        for bound, n in zip([*map(floatToGoString, LATENCY_BUCKETS), "+Inf"], self.latency_counts):
-            running += n
-            buckets.append((bound, running))
         yield HistogramMetricFamily(
-            "greyfox_request_latency_seconds", "Whole-request latency", buckets=buckets, sum_value=self.latency_sum
+            "greyfox_request_latency_seconds", "Whole-request latency",
+            buckets=_cumulative(LATENCY_BUCKETS, self.latency_counts, floatToGoString), sum_value=self.latency_sum,
+        )
+        yield HistogramMetricFamily(
+            "greyfox_stream_count_difference_tokens",
+            "Streams with upstream usage: GreyFox's count of the completion tokens as they passed, minus the "
+            "upstream's (no _sum: it can be negative)",
+            buckets=_cumulative(DIFFERENCE_BUCKETS, self.difference_counts, floatToGoString), sum_value=self.difference_sum,
         )
         yield GaugeMetricFamily("greyfox_ledger_pending_rows", "Ledger rows not yet committed", value=float(self._pending()))
         yield GaugeMetricFamily("greyfox_degraded", "1 when the database is not writable", value=1.0 if self._degraded() else 0.0)
@@ -91,3 +107,12 @@ class Metrics:
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(self)
         return generate_latest(self._registry), CONTENT_TYPE_LATEST.encode()
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int], label: Callable[[float], str]) -> list[tuple[str, int]]:
+    """Prometheus buckets (upper bound, count at or below it) from per-bucket counts."""
+    buckets, running = [], 0
+    for bound, n in zip([*map(label, bounds), "+Inf"], counts):
+        running += n
+        buckets.append((bound, running))
+    return buckets

@@ -14,7 +14,7 @@ import math
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -118,6 +118,10 @@ class Proxy:
         yet) falls back to a rough count.
     :param run_in_thread: ``(f, *args) -> Deferred``: runs a large prompt's
         count off the reactor thread (the service uses the reactor's pool).
+    :param load_encodings: ``() -> Deferred`` that fires once the tokenizers
+        are loaded (or failed to load).
+    :param on_count_difference: told, for each stream with upstream usage,
+        our count of its completion tokens minus the upstream's.
     """
 
     def __init__(
@@ -133,6 +137,8 @@ class Proxy:
         encoding_for: Callable[[str], Any] = lambda model: None,
         on_settle: Callable[[Call, LedgerRow], None] = lambda call, row: None,
         run_in_thread: Callable[..., Deferred[Any]] = lambda f, *args: maybeDeferred(f, *args),
+        load_encodings: Callable[[], Deferred[None]] = lambda: succeed(None),
+        on_count_difference: Callable[[int], None] = lambda difference: None,
     ) -> None:
         self.settings = settings
         self.http = http
@@ -145,6 +151,8 @@ class Proxy:
         self.encoding_for = encoding_for
         self.on_settle = on_settle
         self.run_in_thread = run_in_thread
+        self.load_encodings = load_encodings
+        self.on_count_difference = on_count_difference
         self.in_flight: set[Deferred[Any]] = set()
         #: Our own counts of long answers, running in threads: their ledger rows wait for them.
         self.counting: set[Deferred[Any]] = set()
@@ -448,6 +456,12 @@ class Proxy:
             if r.remaining is not None:
                 headers.append(("X-RateLimit-Remaining-Tokens", str(r.remaining)))
             raise ApiError(429, r.message, "quota_exceeded", r.code, headers=tuple(headers)) from None
+
+    def on_stream_counted(self, call: Call, upstream_completion: int, counter: Any) -> None:
+        """A stream came with the upstream's usage: how far our count of it was off."""
+        counter.resolve(self.encoding_for(call.model or ""))
+        if counter.exact:
+            self.on_count_difference(counter.total - upstream_completion)
 
     def remaining_header(self, call: Call, request: IRequest) -> None:
         remaining = self.quotas.remaining(call.user, self.clock.seconds())

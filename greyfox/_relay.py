@@ -340,8 +340,6 @@ class Fanout:
             self.kept.extend(pieces)
             self.kept_bytes += len(pieces[0][0]) if len(pieces) == 1 else sum([len(raw) for raw, _ in pieces])
             if self.kept_bytes > self.keep:
-                if self.meter is not None and not self.meter.eager:
-                    self.meter.overflow(raw for raw, _ in self.kept)
                 self.overflowed = True
                 self.kept = []
         plain = None

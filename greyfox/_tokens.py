@@ -90,41 +90,67 @@ class IncrementalCounter:
     BPE never merges across the encoding's pre-tokenizer pieces, so every
     piece but the last two (which may still grow) is final and is encoded on
     its own.  The total equals ``len(enc.encode_ordinary(whole_text))`` for any
-    chunking (see tests/test_tokens.py).  With ``enc=None`` it falls back to
-    :func:`rough_count` of the whole text.
+    chunking (see tests/test_tokens.py).
+
+    Until an encoding is known (the tokenizers load in a thread, once), the
+    text is kept, up to ``MAX_UNRESOLVED`` characters, and :attr:`total` is a
+    rough count; once one is known (a later :meth:`feed` resolves it, or
+    :meth:`resolve` is handed it) the kept text is counted and the total is
+    exact again.
     """
 
-    __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all", "_resolve")
+    __slots__ = ("_enc", "_pat", "_pending", "_counted", "_all", "_resolve", "_rough")
 
     #: A single pre-tokenizer piece longer than this (a run of one character,
     #: base64...) is counted as it stands, so a pathological stream costs
     #: linear, not quadratic, time.  Real text never comes near it.
     MAX_PENDING = 1 << 16
+    #: Text kept while no encoding is known; past it, the rest is counted roughly.
+    MAX_UNRESOLVED = 4 << 20
 
     def __init__(self, enc: Any | None, resolve: Any = None) -> None:
-        """``resolve``: a callable giving the encoding, called at the first
-        text (so a response whose usage the upstream reports never loads one)."""
+        """``resolve``: a callable giving the encoding or ``None`` while it is
+        not loaded, asked at each piece until it gives one."""
         self._resolve = resolve
         self._set(enc)
         self._pending = ""
         self._counted = 0
-        self._all = 0  # characters seen, for the rough fallback
+        self._all = 0  # characters seen, for the rough count
+        self._rough = 0  # characters counted roughly (past MAX_UNRESOLVED, with no encoding)
 
     def _set(self, enc: Any | None) -> None:
         self._enc = enc
         self._pat = _compile(enc._pat_str) if enc is not None else None
 
+    @property
+    def exact(self) -> bool:
+        """Whether :attr:`total` is tiktoken's count of the text fed."""
+        return self._enc is not None and not self._rough
+
+    def resolve(self, enc: Any | None) -> None:
+        """Count with ``enc`` from now on, the text kept so far included."""
+        if self._enc is None and enc is not None:
+            self._set(enc)
+            self._count_final()
+
     def feed(self, text: str) -> None:
         if not text:
             return
-        if self._resolve is not None:
-            resolve, self._resolve = self._resolve, None
-            if self._enc is None and not self._all:
-                self._set(resolve())
         self._all += len(text)
+        if self._enc is None and self._resolve is not None:
+            self._set(self._resolve())
         if self._enc is None:
+            if len(self._pending) + len(text) <= self.MAX_UNRESOLVED:
+                self._pending += text
+            else:
+                self._rough += len(text)
             return
-        pending = self._pending + text
+        self._pending += text
+        self._count_final()
+
+    def _count_final(self) -> None:
+        """Count the pieces of the pending text that can no longer change."""
+        pending = self._pending
         ends = [m.end() for m in self._pat.finditer(pending)]
         if len(ends) > 2:
             start = 0
@@ -142,9 +168,10 @@ class IncrementalCounter:
         """Tokens of everything fed so far."""
         if self._enc is None:
             return (self._all + 3) // 4
+        rough = (self._rough + 3) // 4
         if not self._pending:
-            return self._counted
-        return self._counted + len(self._enc.encode_ordinary(self._pending))
+            return self._counted + rough
+        return self._counted + rough + len(self._enc.encode_ordinary(self._pending))
 
 
 def count_text(enc: Any | None, text: str) -> int:

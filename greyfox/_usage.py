@@ -9,7 +9,7 @@ fallback, and says which events the client should not see.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any
 
 import attr
 
@@ -98,48 +98,18 @@ def _delta_text(doc: dict[str, Any]) -> str:
 
 
 class StreamMeter:
-    """Watches a streamed response's events: usage, generated text, the end.
+    """Watches a streamed response's events as they pass: the generated
+    text (counted as it comes), the usage when the upstream sends it, the end.
 
-    Lazy by default: an event is only parsed when it can carry usage or end
-    the stream, so a stream whose upstream reports usage costs no JSON
-    parsing of its text chunks and no tokenizer work.  When no usage came,
-    :meth:`catch_up` counts the kept events afterwards; a relay that cannot
-    keep them all (a very long stream) switches the meter to ``eager``
-    before it drops them.
-
-    :param counter: counts the streamed text for when no usage arrives.
+    :param counter: counts the streamed text; its total is the live count
+        of a running stream (``/api/inflight``, the mid-stream cut-off) and the
+        row's completion tokens when no usage arrives.
     """
 
-    def __init__(self, counter: IncrementalCounter, eager: bool = False, expect_usage: bool = False) -> None:
+    def __init__(self, counter: IncrementalCounter) -> None:
         self.counter = counter
-        self.eager = eager
-        self.expect_usage = expect_usage
-        self.blind = False
-        self.unseen_chars = 0
-        self.unseen_events = 0
         self.usage: Usage | None = None
         self.done = False  # saw [DONE] or a terminal Responses event
-
-    def overflow(self, kept: Iterable[bytes]) -> None:
-        """The relay stops keeping events (a very long stream).
-
-        If the upstream was asked for usage, trust it will come and stop
-        looking at text (counting a 100 MB stream costs seconds of CPU);
-        should it not come, :meth:`rough_tokens` estimates from the size.
-        Otherwise count what was kept and every event from now on.
-        """
-        if self.expect_usage:
-            self.blind = True
-            for raw in kept:
-                self.unseen_chars += len(raw)
-                self.unseen_events += 1
-        else:
-            self.catch_up(kept)
-            self.eager = True
-
-    def rough_tokens(self) -> int:
-        """Tokens of the text not looked at: ~4 characters a token, JSON framing left out."""
-        return max(0, self.unseen_chars - 160 * self.unseen_events) // 4
 
     def on_event(self, event: Event) -> bool:
         """Account for one event; return whether it is the usage-only chat chunk.
@@ -153,43 +123,24 @@ class StreamMeter:
         if data == "[DONE]":
             self.done = True
             return False
-        if self.blind:
-            self.unseen_chars += len(data)
-            self.unseen_events += 1
-        if not self.eager and not _may_matter(data):
-            return False
-        return self._parse(data, count_text=self.eager)
+        return self._parse(data)
 
     def on_raw(self, raw: bytes) -> bool:
-        """:meth:`on_event` for an event's bytes, parsed only when it can matter:
-        most chunks of a stream whose upstream reports usage are never parsed."""
+        """:meth:`on_event` for an event's bytes."""
         if len(raw) > MAX_EVENT_BYTES:
             return False  # relayed unparsed (see _sse)
-        if not self.eager and b'"usage"' not in raw and b'"response.' not in raw and b"[DONE]" not in raw:
-            if self.blind and raw.startswith(b"data"):
-                self.unseen_chars += len(raw) - 8  # less "data: " and the blank line
-                self.unseen_events += 1
-            return False
         return self.on_event(parse_event(raw))
 
-    def catch_up(self, raws: Iterable[bytes]) -> None:
-        """Count the text of events seen lazily (their raw bytes, in order)."""
-        for raw in raws:
-            event = parse_event(raw)
-            if event.data is not None and event.data != "[DONE]":
-                self._parse(event.data, count_text=True)
-
-    def _parse(self, data: str, count_text: bool) -> bool:
+    def _parse(self, data: str) -> bool:
         try:
             doc = json.loads(data)
         except ValueError:
             return False
         if not isinstance(doc, dict):
             return False
-        if count_text:
-            text = _delta_text(doc)
-            if text:
-                self.counter.feed(text)
+        text = _delta_text(doc)
+        if text:
+            self.counter.feed(text)
         kind = doc.get("type")
         if isinstance(kind, str):
             if kind in ("response.completed", "response.incomplete", "response.failed"):
@@ -203,16 +154,6 @@ class StreamMeter:
             self.usage = usage
             return doc.get("choices") == []
         return False
-
-
-_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-
-
-def _may_matter(data: str) -> bool:
-    """Whether an event may carry usage or end a stream (cheap substring checks)."""
-    if '"usage"' in data and '"usage": null' not in data and '"usage":null' not in data:
-        return True
-    return '"response.' in data and any(t in data for t in _TERMINAL)
 
 
 def is_usage_only(event: Event) -> bool:

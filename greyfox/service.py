@@ -109,6 +109,12 @@ class Encodings:
             self._loading = d.addCallbacks(loaded, failed)
         return self._loading
 
+    def when_loaded(self) -> defer.Deferred[None]:
+        """A new Deferred that fires (with ``None``) once loading ended, well or not."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self.load().addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
     @property
     def ready(self) -> bool:
         return bool(self._loaded)
@@ -179,6 +185,8 @@ class GreyFoxService(MultiService):
             encoding_for=self.encodings.for_model,
             on_settle=self._settled,
             run_in_thread=lambda f, *args: in_thread(reactor, f, *args),
+            load_encodings=self.encodings.when_loaded,
+            on_count_difference=self.metrics.count_difference,
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),

@@ -11,7 +11,8 @@ the model name:
 * ``big-N``: streams N MiB of SSE through a push producer that honours
   pause/resume, counting how often it was paused;
 * ``no-usage``: streams without ever sending usage (ignores stream_options),
-  and answers embeddings without usage;
+  and answers embeddings without usage; ``no-usage-words`` streams 40
+  one-token words that way;
 * ``no-usage-long``: no usage either, and the reply is ``LONG_REPLY`` (about
   40 KB): as JSON, or as a stream written at once;
 * ``set-cookie``: answers normally but sets a cookie;
@@ -35,6 +36,7 @@ from zope.interface import implementer
 REPLY = "Hello from the fake upstream, streamed in small pieces."
 REPLY_PIECES = ["Hello", " from", " the", " fake", " upstream", ",", " streamed", " in", " small", " pieces", "."]
 LONG_PIECES = [f" word{i}" for i in range(6000)]
+WORD_PIECES = [" word"] * 40  # one token each
 LONG_REPLY = "".join(LONG_PIECES)
 PROMPT_TOKENS = 13
 COMPLETION_TOKENS = 11
@@ -212,12 +214,13 @@ class FakeUpstream(Resource):
         if model.startswith("big-"):
             BigStream(request, int(model[4:]) * 1024 * 1024, self).start()
             return NOT_DONE_YET
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and model != "no-usage"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not model.startswith("no-usage")
+        pieces = WORD_PIECES if model == "no-usage-words" else REPLY_PIECES
         events = []
         first = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         events.append(first)
-        for piece in REPLY_PIECES:
+        for piece in pieces:
             events.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
         events.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,

@@ -128,11 +128,46 @@ async def test_upstream_ignoring_include_usage_gets_counted_locally(start_proxy,
     assert row["prompt_tokens"] == 3 + len(enc.encode_ordinary("Say hello")) + 3
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_stream_without_usage_before_the_tokenizers_load_is_billed_its_exact_count(start_proxy, http):
+    """No limits set, so the tokenizers load on first need, in a thread: the
+    first stream is counted roughly while they load, and billed exactly once
+    they are in (40 one-token words are 40 tokens, not a guess from their size)."""
+    proxy = await start_proxy()
+    assert not proxy.service.encodings.ready
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="no-usage-words", stream=True))
+    assert response.code == 200 and body.count(b" word") == 40
+    await eventually(lambda: proxy.service.ledger.pending == 0 and proxy.service.ledger.written == 1)
+    [row] = await rows(http, proxy)
+    assert (row["completion_tokens"], row["usage_source"]) == (40, "estimated")
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_are_counted_as_they_pass_and_the_difference_to_upstream_usage_is_a_metric(start_proxy, http):
+    proxy = await start_proxy()
+    await proxy.service.encodings.load()
+    await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, stream=True))
+    [row] = await rows(http, proxy)
+    assert (row["completion_tokens"], row["usage_source"]) == (C, "upstream")  # the upstream's usage is billed
+    response = await http.get(proxy.url + "/metrics")
+    text = (await response.content()).decode()
+    enc = proxy.service.encodings.for_model("gpt-4o-mini")
+    ours = len(enc.encode_ordinary(fakeupstream.REPLY))
+    assert 'greyfox_stream_count_difference_tokens_bucket{le="+Inf"} 1.0' in text
+    from bisect import bisect_left
+
+    from greyfox._metrics import DIFFERENCE_BUCKETS
+
+    first = DIFFERENCE_BUCKETS[bisect_left(DIFFERENCE_BUCKETS, ours - C)]  # the first bucket that holds it
+    assert f'greyfox_stream_count_difference_tokens_bucket{{le="{float(first)}"}} 1.0' in text
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_a_long_answer_without_usage_is_counted_off_the_reactor_thread(start_proxy, http, stream):
-    """Counting 40 KB of generated text takes milliseconds of tiktoken: it runs
-    in a thread, the client is answered meanwhile, and the row gets the count."""
+    """Counting 40 KB of generated JSON text takes milliseconds of tiktoken: it
+    runs in a thread, the client is answered meanwhile, and the row gets the
+    count.  A stream's text is counted as it passes, exactly all the same."""
     import threading
 
     proxy = await start_proxy()
@@ -148,7 +183,7 @@ async def test_a_long_answer_without_usage_is_counted_off_the_reactor_thread(sta
             break
         await sleep(0.05)
     [row] = got
-    assert len(threads) == 1
+    assert len(threads) == (0 if stream else 1)  # (a stream's text is counted as it passes)
     enc = proxy.service.encodings.for_model("no-usage-long")
     assert row["usage_source"] == "estimated"
     assert row["completion_tokens"] == len(enc.encode_ordinary(fakeupstream.LONG_REPLY))

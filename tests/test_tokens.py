@@ -124,3 +124,25 @@ def test_remembered_texts_are_bounded_and_the_oldest_go_first(encodings):
     known.count(spy, short)
     known.count(spy, short)
     assert spy.encoded.count(short) == 2  # short texts are not kept
+
+
+def test_a_counter_without_an_encoding_yet_is_exact_once_it_arrives(encodings):
+    """A stream that starts while the tokenizers load is counted roughly meanwhile,
+    then exactly, its earlier text included, once the encoding is known."""
+    enc = encodings["o200k_base"]
+    text = "Counting before the tokenizer loads, then after: 12345 émoji 😀 and more words."
+    pieces = [text[i:i + 5] for i in range(0, len(text), 5)]
+    loaded: list[object] = [None]
+    counter = IncrementalCounter(None, resolve=lambda: loaded[0])
+    for piece in pieces[:6]:
+        counter.feed(piece)
+    assert not counter.exact and counter.total == (len("".join(pieces[:6])) + 3) // 4
+    loaded[0] = enc
+    for piece in pieces[6:]:
+        counter.feed(piece)
+    assert counter.exact and counter.total == len(enc.encode_ordinary(text))
+    late = IncrementalCounter(None)
+    for piece in pieces:
+        late.feed(piece)
+    late.resolve(enc)
+    assert late.exact and late.total == len(enc.encode_ordinary(text))

@@ -42,19 +42,18 @@ def test_usage_only_detection_without_a_meter():
     assert not is_usage_only(Event(b": ping\n\n"))
 
 
-def test_lazy_meter_parses_only_what_can_carry_usage_and_catches_up_later():
+def test_meter_counts_every_text_chunk_as_it_passes():
     meter = StreamMeter(IncrementalCounter(None))
     events = [chunk({"choices": [{"delta": {"content": "aaaa"}}], "usage": None}),
               chunk({"choices": [{"delta": {"content": "bbbb"}}], "usage": None})]
-    for e in events:
-        assert not meter.on_event(e)
-    assert meter.counter.total == 0 and meter.usage is None  # nothing parsed yet
-    meter.catch_up(e.raw for e in events)
+    assert not meter.on_event(events[0])
+    assert meter.counter.total == 1 and meter.usage is None
+    assert not meter.on_event(events[1])
     assert meter.counter.total == 2
 
 
 def test_meter_counts_text_of_every_api_shape():
-    meter = StreamMeter(IncrementalCounter(None), eager=True)
+    meter = StreamMeter(IncrementalCounter(None))
     meter.on_event(chunk({"choices": [{"delta": {"content": "aaaa", "tool_calls": [{"function": {"arguments": "bbbb"}}]}}]}))
     meter.on_event(chunk({"choices": [{"text": "cccc"}]}))
     meter.on_event(chunk({"type": "response.output_text.delta", "delta": "dddd"}))
@@ -64,13 +63,11 @@ def test_meter_counts_text_of_every_api_shape():
 
 
 def test_meter_on_raw_bytes_gives_what_on_event_gives():
-    """The relay hands the meter raw event bytes; it parses only those that can matter."""
+    """The relay hands the meter raw event bytes."""
     stream = [chunk({"choices": [{"delta": {"content": "aaaa"}}], "usage": None}),
               chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
               Event(b"data: [DONE]\n\n", None, "[DONE]")]
     by_raw, by_event = StreamMeter(IncrementalCounter(None)), StreamMeter(IncrementalCounter(None))
     assert [by_raw.on_raw(e.raw) for e in stream] == [by_event.on_event(e) for e in stream] == [False, True, False]
     assert (by_raw.usage, by_raw.done) == (by_event.usage, by_event.done) == (Usage(3, 1), True)
-    eager = StreamMeter(IncrementalCounter(None), eager=True)
-    eager.on_raw(stream[0].raw)
-    assert eager.counter.total == 1  # eager: text chunks are parsed and counted
+    assert by_raw.counter.total == by_event.counter.total == 1

@@ -74,7 +74,10 @@ class Api:
         cache: Cache,
         cache_stats: CacheStats,
         quotas: Quotas,
+        inflight: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
+        """:param inflight: the requests in flight now (``Proxy.inflight``)."""
+        self._inflight = inflight
         self.cache = cache
         self.cache_stats = cache_stats
         self.quotas = quotas
@@ -199,6 +202,13 @@ class Api:
             older_than = self.seconds() - n * 86400
         deleted = await self.cache.clear(model=model, older_than=older_than)
         return 200, {"deleted": deleted, "entries": len(self.cache), "bytes": self.cache.bytes}
+
+    def inflight(self) -> Result:
+        """``GET /api/inflight``: every request in flight, oldest first, with its tokens so far."""
+        requests = sorted(self._inflight(), key=lambda r: r["id"])
+        for r in requests:
+            r["started"] = datetime.fromtimestamp(r["started"], self.tz).isoformat(timespec="milliseconds")
+        return 200, {"requests": requests}
 
     # -- quotas --
 

@@ -141,6 +141,10 @@ class GreyFoxApp:
     def requests(self, request: IRequest) -> Deferred[bytes]:
         return self._admin_api(request, lambda: self.api.requests(request.args))
 
+    @app.route("/api/inflight", methods=["GET"])
+    def inflight(self, request: IRequest) -> Deferred[bytes]:
+        return self._admin_api(request, self.api.inflight)
+
     @app.route("/api/status", methods=["GET"])
     def status(self, request: IRequest) -> Deferred[bytes]:
         return self._admin_api(request, self.api.status)

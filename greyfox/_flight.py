@@ -12,6 +12,7 @@ rows and, for a complete ``200``, stores the answer in the cache.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -22,7 +23,7 @@ from twisted.web.client import ResponseFailed
 from . import _json
 from ._cache import MAX_ENTRY_BYTES, CacheEntry
 from ._errors import ApiError, describe_failure
-from ._relay import BodyPump, BrokenOff, ClientGone, Fanout, StreamIdle, Subscriber
+from ._relay import BodyPump, BrokenOff, ClientGone, CutOff, Fanout, StreamIdle, Subscriber
 from ._routing import as_fields, returned_fields
 from ._tokens import THREADED_COUNT_BYTES, IncrementalCounter, estimate_prompt_tokens
 from ._usage import StreamMeter, Usage, usage_of
@@ -133,7 +134,12 @@ class Flight:
             keep = MAX_STREAM_KEEP
         else:
             keep = KEEP_BODY_BYTES if b"json" in content_type else 0
+        # A stream of a request admitted against a daily token limit or budget is
+        # checked against it as it passes (SPEC §4: the mid-stream cut-off).
+        check = self._meter is not None and leader.reservation is not None and leader.prompt_estimate is not None
         self.fanout = Fanout(self._meter, keep, on_empty=self._all_left, on_complete=self._answered)
+        if check:
+            self.fanout.over_limit, self.fanout.on_over_limit = self._over_limit, self._cut_off
         for sub, call in list(self.subscribers):
             if not sub.gone:
                 self._begin(sub, call)
@@ -157,6 +163,9 @@ class Flight:
         settings, leader = self.proxy.settings, self.leader
         if failure.check(ClientGone, CancelledError):
             self._conclude("client disconnected")
+            return None
+        if failure.check(CutOff):
+            self._conclude(f"cut_off: {failure.value.args[0]}")
             return None
         if failure.check(StreamIdle):
             error = f"stream idle for {settings.stream_idle_timeout:g} s (GREYFOX_STREAM_IDLE_TIMEOUT)"
@@ -321,6 +330,29 @@ class Flight:
         self.answered = True
         self._end_all(None, None)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens of the answer so far: a stream's, counted as it passes (0 for other bodies)."""
+        return self._counter.total if self._counter is not None else 0
+
+    def _over_limit(self) -> str | None:
+        """Whether what the stream produced so far carries its user past the
+        daily token limit or the day past the budget: the limit's code."""
+        leader, proxy = self.leader, self.proxy
+        prompt, completion = leader.prompt_estimate or 0, self.tokens
+        usd = (proxy.prices.cost(leader.model or "", Usage(prompt, completion)) or 0.0) if proxy.quotas.daily_budget_usd else 0.0
+        assert leader.reservation is not None
+        return proxy.quotas.overrun(leader.reservation, prompt + completion, usd)
+
+    def _cut_off(self, code: str) -> None:
+        """End the stream here: one error event to every client, the upstream
+        call cancelled, what was produced billed (the row says ``cut_off``)."""
+        assert self.fanout is not None and self._pump is not None
+        log.info("request {id}: stream cut off at {tokens} completion tokens ({code})",
+                 id=self.leader.id, tokens=self.tokens, code=code)
+        self.fanout.send_last(cut_off_event(code, self.leader.user))
+        self._pump.abort(CutOff(code))
+
     def _all_left(self) -> None:
         if self._pump is not None:
             self._pump.stopProducing()
@@ -360,6 +392,7 @@ class Flight:
         fanout = self.fanout
         if fanout is not None:
             fanout.on_complete = fanout.on_empty = _nothing
+            fanout.over_limit, fanout.on_over_limit = None, _ignore
             fanout.subscribers = []
         self._counter = None
 
@@ -385,7 +418,7 @@ def _guarded(
     return step
 
 
-def _ignore(sub: Subscriber) -> None:
+def _ignore(_: Any) -> None:
     pass
 
 
@@ -441,3 +474,12 @@ def _feed_completion_text(counter: IncrementalCounter, doc: Any) -> None:
             message = choice.get("message")
             if isinstance(message, dict) and isinstance(message.get("content"), str):
                 counter.feed(message["content"])
+
+
+def cut_off_event(code: str, user: str) -> bytes:
+    """The SSE event that ends a stream cut off at a limit (OpenAI's error shape)."""
+    what = {"daily_token_limit": f"User {user!r} reached the daily token limit",
+            "daily_budget": "The day reached the daily budget"}.get(code, "A limit was reached")
+    error = {"message": f"{what} during this stream; GreyFox ended it here.", "type": "quota_exceeded",
+             "code": code, "param": None}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

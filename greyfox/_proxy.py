@@ -154,6 +154,8 @@ class Proxy:
         self.load_encodings = load_encodings
         self.on_count_difference = on_count_difference
         self.in_flight: set[Deferred[Any]] = set()
+        #: Requests not answered yet, by id (``/api/inflight``).
+        self.calls: dict[int, Call] = {}
         #: Our own counts of long answers, running in threads: their ledger rows wait for them.
         self.counting: set[Deferred[Any]] = set()
         self.flights: dict[str, Flight] = {}
@@ -186,12 +188,15 @@ class Proxy:
         if isinstance(outcome, bytes):
             self._account(call)
             return outcome
+        self.calls[call.id] = call
 
         def done(body: bytes | None) -> bytes:
+            del self.calls[call.id]
             self._account(call)
             return body or b""
 
         def failed(failure: Failure) -> Any:
+            del self.calls[call.id]
             if failure.check(ApiError):
                 body = self.refuse(call, request, failure.value)
                 self._account(call)
@@ -456,6 +461,21 @@ class Proxy:
             if r.remaining is not None:
                 headers.append(("X-RateLimit-Remaining-Tokens", str(r.remaining)))
             raise ApiError(429, r.message, "quota_exceeded", r.code, headers=tuple(headers)) from None
+
+    def inflight(self) -> list[dict[str, Any]]:
+        """Every request not answered yet, with the tokens of its answer so far."""
+        now = self.clock.seconds()
+        out = []
+        for call in self.calls.values():
+            tokens = call.flight.tokens if call.flight is not None else 0
+            streaming = now - call.first_byte if call.first_byte is not None else 0.0
+            out.append({
+                "id": call.id, "user": call.user, "model": call.model, "endpoint": call.endpoint,
+                "upstream": call.route.upstream.name if call.route is not None else None,
+                "started": call.started, "tokens": tokens,
+                "tokens_per_s": round(tokens / streaming, 1) if streaming > 0 else 0.0, "cache": call.cache,
+            })
+        return out
 
     def on_stream_counted(self, call: Call, upstream_completion: int, counter: Any) -> None:
         """A stream came with the upstream's usage: how far our count of it was off."""

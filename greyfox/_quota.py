@@ -315,6 +315,22 @@ class Quotas:
             del self._loops[k]
         return len(keys)
 
+    def overrun(self, reservation: Reservation, tokens: int, usd: float) -> str | None:
+        """The code of the limit that a running request, having used ``tokens``
+        and ``usd`` so far, carries its user (or the day) past; ``None`` when
+        it is within them.  What other requests hold reserved counts as used."""
+        day = self._today
+        if reservation.settled or day.day != reservation.day:
+            return None
+        user = reservation.user
+        limit = self.limits_for(user).daily_tokens
+        if limit and day.used.get(user, 0) + day.reserved.get(user, 0) - reservation.tokens + tokens > limit:
+            return "daily_token_limit"
+        budget = self.daily_budget_usd
+        if budget and day.spent_usd + day.reserved_usd - reservation.usd + usd > budget:
+            return "daily_budget"
+        return None
+
     def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
         """Replace the reservation by what was really charged (0 when nothing was)."""
         if reservation.settled:

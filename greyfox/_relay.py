@@ -35,6 +35,10 @@ class StreamIdle(Exception):
     """No byte moved for the idle timeout."""
 
 
+class CutOff(Exception):
+    """The stream was ended here: it would carry a limit past (its code is the argument)."""
+
+
 class BrokenOff(Exception):
     """The body broke off (the upstream dropped or went silent) after the response began."""
 
@@ -271,9 +275,17 @@ class Fanout:
         keep: int,
         on_empty: Callable[[], None],
         on_complete: Callable[[], None] = lambda: None,
+        over_limit: Callable[[], str | None] | None = None,
+        on_over_limit: Callable[[str], None] = lambda code: None,
     ) -> None:
+        """:param over_limit: asked after each metered event: the code of the
+            limit the stream has now gone past, if any.  Then the events up to
+            that one are sent and ``on_over_limit(code)`` is told; the rest of
+            the read is not."""
         self.meter = meter
         self.on_complete = on_complete
+        self.over_limit = over_limit
+        self.on_over_limit = on_over_limit
         self._completed = False
         self.parser = SSEParser() if meter is not None else None
         self.keep = keep
@@ -323,10 +335,23 @@ class Fanout:
         else:
             meter = self.meter
             assert meter is not None
-            pieces = [(raw, meter.on_raw(raw)) for raw in self.parser.feed_raw(data)]
+            pieces = []
+            for raw in self.parser.feed_raw(data):
+                pieces.append((raw, meter.on_raw(raw)))
+                if self.over_limit is not None:
+                    code = self.over_limit()
+                    if code is not None:
+                        self._send(pieces)
+                        self.on_over_limit(code)
+                        return
             if not pieces:
                 return
         self._send(pieces)
+
+    def send_last(self, data: bytes) -> None:
+        """Write ``data`` to every subscriber, unkept and unmetered: the last thing they get."""
+        for sub in self.subscribers:
+            sub.write(data)
 
     def finish(self) -> None:
         """The body ended cleanly: relay an unterminated last event, if any."""

@@ -190,7 +190,7 @@ class GreyFoxService(MultiService):
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
-                       self.cache, self.cache_stats, self.quotas)
+                       self.cache, self.cache_stats, self.quotas, inflight=self.proxy.inflight)
         app = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
         self.site = QuietSite(app.resource(), max_body=settings.max_body_bytes)
         self.site.displayTracebacks = False

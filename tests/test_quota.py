@@ -49,6 +49,21 @@ def test_reservations_hold_until_settled_and_settle_to_the_real_usage():
     assert q.remaining("bob", clock.seconds()) == 100
 
 
+def test_a_running_request_overruns_when_its_use_so_far_passes_what_others_left():
+    clock = Clock()
+    q = quotas(clock, Limits(daily_tokens=100), budget=1.0)
+    other = q.admit("alice", 30, 0.2, None, 0)
+    running = q.admit("alice", 20, 0.1, None, 0)
+    assert q.overrun(running, 70, 0.5) is None  # 30 held by the other + 70 = the limit
+    assert q.overrun(running, 71, 0.5) == "daily_token_limit"
+    assert q.overrun(running, 10, 0.81) == "daily_budget"  # 0.2 held + 0.81 > $1
+    q.settle(other, 5, 0.05)
+    assert q.overrun(running, 95, 0.5) is None
+    assert q.overrun(q.admit("bob", 5, 0, None, 0), 100, 0) is None  # bob has his own 100
+    q.settle(running, 96, 0.5)
+    assert q.overrun(running, 1000, 9) is None  # settled: nothing runs any more
+
+
 def test_a_failed_call_gives_its_reservation_back():
     clock = Clock()
     q = quotas(clock, Limits(daily_tokens=100))
@@ -358,3 +373,60 @@ async def test_a_large_prompt_is_counted_off_the_reactor_thread_and_still_enforc
     assert len(threads) == 2 and threading.get_ident() not in threads
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(1), {"x-app-user-id": "other"})
     assert response.code == 200 and len(threads) == 2  # small bodies are counted in place
+
+
+# -- the mid-stream cut-off, end to end --
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_would_pass_the_daily_limit_is_cut_off_there(start_proxy, http):
+    """No max_tokens (the default of 10 is reserved), an answer of 6,000 words:
+    the stream ends at the limit with one error event, overshooting it by at
+    most one event, and what was produced is billed."""
+    proxy = await start_proxy(GREYFOX_DAILY_TOKENS="200", GREYFOX_DEFAULT_MAX_TOKENS="10")
+    await proxy.service.encodings.load()
+    doc = {"model": "no-usage-long", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", doc, {"x-app-user-id": "alice"})
+    assert response.code == 200
+    events = [e[len(b"data: "):] for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    error = json.loads(events[-1])["error"]
+    assert (error["type"], error["code"]) == ("quota_exceeded", "daily_token_limit")
+    assert b"[DONE]" not in body and b"word5999" not in body
+    [row] = await rows(http, proxy)
+    assert row["error"] == "cut_off: daily_token_limit" and row["usage_source"] == "estimated"
+    enc = proxy.service.encodings.for_model("no-usage-long")
+    one_event = max(len(enc.encode_ordinary(w)) for w in fakeupstream.LONG_PIECES)
+    assert 200 < row["total_tokens"] <= 200 + one_event
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.startswith(b"{"))
+    assert row["completion_tokens"] == len(enc.encode_ordinary(text))  # billed what the client got
+    code, view = await get_json(http, proxy.url + "/api/quotas")
+    [alice] = [u for u in view["users"] if u["user"] == "alice"]
+    assert alice["used"] == row["total_tokens"] and alice["reserved"] == 0
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", doc, {"x-app-user-id": "alice"})
+    assert response.code == 429  # and the next one is refused before it costs anything
+
+
+@pytest_twisted.ensureDeferred
+async def test_inflight_lists_a_running_stream_with_its_tokens_so_far(start_proxy, http):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from .test_proxy import RawClient, raw_post
+
+    proxy = await start_proxy()
+    await proxy.service.encodings.load()
+    port = proxy.service.port.getHost().port
+    client = RawClient(raw_post(port, dict(chat(), model="stall-after-2", stream=True), b"X-App-User-Id: carol\r\n"))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await eventually(lambda: client.received.count(b"data: ") >= 2)
+    code, doc = await get_json(http, proxy.url + "/api/inflight")
+    [running] = doc["requests"]
+    assert (running["user"], running["model"], running["endpoint"], running["upstream"]) == (
+        "carol", "stall-after-2", "/v1/chat/completions", "openai")
+    enc = proxy.service.encodings.for_model("stall-after-2")
+    assert running["tokens"] == len(enc.encode_ordinary("".join(fakeupstream.REPLY_PIECES[:1])))
+    assert running["cache"] == "MISS" and "T" in running["started"] and running["tokens_per_s"] >= 0
+    client.transport.abortConnection()
+    await eventually(lambda: not proxy.service.proxy.calls)
+    code, doc = await get_json(http, proxy.url + "/api/inflight")
+    assert doc == {"requests": []}

@@ -116,6 +116,20 @@ async def test_console_shows_the_api_totals_edits_quotas_and_clears_the_cache(st
 
             # Live requests update without a reload.
             b.page.wait_for_function("document.querySelectorAll('#live-table tbody tr[data-row]').length >= 8", timeout=10_000)
+
+            # A stream still running shows in flight, with its tokens so far.
+            import socket
+
+            body = json.dumps(dict(chat(5), model="stall-after-2", stream=True)).encode()
+            with socket.create_connection(("127.0.0.1", proxy.service.port.getHost().port)) as conn:
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"X-App-User-Id: carol\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                conn.recv(65536)
+                b.page.wait_for_function(
+                    "[...document.querySelectorAll('#inflight-table tbody td')].some(td => td.textContent === 'stall-after-2')",
+                    timeout=10_000)
+                assert "carol" in b.page.inner_text("#inflight-table tbody")
+            b.page.wait_for_function("!!document.querySelector('#inflight-table tbody .empty')", timeout=10_000)
             assert b.errors == []
         finally:
             b.close()

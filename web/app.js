@@ -275,6 +275,15 @@ function requestRow(r, fresh) {
     <td class="num">${r.latency_ms == null ? "" : Math.round(r.latency_ms) + " ms"}</td><td>${esc(r.usage_source)}</td></tr>`;
 }
 
+async function loadInflight() {
+  const doc = await api("/api/inflight");
+  $("#inflight-table tbody").innerHTML = doc.requests.map((r) => `<tr><td>${r.id}</td>
+    <td>${esc(new Date(r.started).toLocaleTimeString())}</td><td>${esc(r.user)}</td><td>${esc(r.model)}</td>
+    <td>${esc(r.endpoint)}</td><td><span class="tag ${esc(r.cache)}">${esc(r.cache)}</span></td>
+    <td class="num">${fmtInt(r.tokens)}</td><td class="num">${fmtInt(Math.round(r.tokens_per_s))}</td></tr>`).join("") ||
+    `<tr><td colspan="8" class="empty">Nothing in flight.</td></tr>`;
+}
+
 async function loadLive(reset) {
   const doc = await api("/api/requests?" + liveQuery());
   const tbody = $("#live-table tbody");
@@ -350,12 +359,14 @@ async function loadStatus() {
 
 async function refreshAll() {
   try {
-    await Promise.all([loadStatus(), loadOverview(), loadUsage(), loadLive(true)]);
+    await Promise.all([loadStatus(), loadOverview(), loadUsage(), loadInflight(), loadLive(true)]);
     document.body.dataset.loaded = "1";
   } catch (e) { report(e); }
 }
 
 $("#logout").hidden = !sessionStorage.getItem(TOKEN_KEY);
 refreshAll();
-setInterval(() => { if (!state.unauthorized && $("#f-live").checked) loadLive(false).catch(report); }, 2000);
+setInterval(() => {
+  if (!state.unauthorized && $("#f-live").checked) Promise.all([loadInflight(), loadLive(false)]).catch(report);
+}, 2000);
 setInterval(() => { if (!state.unauthorized) Promise.all([loadOverview(), loadUsage(), loadStatus()]).catch(report); }, 5000);

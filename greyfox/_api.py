@@ -177,7 +177,7 @@ class Api:
         st = self.cache_stats
         lookups = st.hits + st.misses
         return 200, {
-            "entries": len(self.cache),
+            "entries": self.cache.stored,
             "bytes": self.cache.bytes,
             "max_bytes": self.cache.max_bytes,
             "hits": st.hits,
@@ -201,7 +201,7 @@ class Api:
                 raise errors.bad_request("older_than_days must be a number >= 0.", "invalid_number", "older_than_days")
             older_than = self.seconds() - n * 86400
         deleted = await self.cache.clear(model=model, older_than=older_than)
-        return 200, {"deleted": deleted, "entries": len(self.cache), "bytes": self.cache.bytes}
+        return 200, {"deleted": deleted, "entries": self.cache.stored, "bytes": self.cache.bytes}
 
     def inflight(self) -> Result:
         """``GET /api/inflight``: every request in flight, oldest first, with its tokens so far."""

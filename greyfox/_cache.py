@@ -219,6 +219,9 @@ class Cache:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self._index: OrderedDict[str, CacheEntry] = OrderedDict((e.id, e) for e in entries)
+        #: Entries written to the database, and their bytes there: one consistent
+        #: snapshot (an entry served from memory before its write is in neither).
+        self.stored = sum(1 for e in self._index.values() if e.size)
         self.bytes = sum(e.size for e in self._index.values())
         self._hot: OrderedDict[str, Body] = OrderedDict()
         self._hot_bytes = 0
@@ -276,7 +279,7 @@ class Cache:
         eid = entry.id
         old = self._index.pop(eid, None)
         if old is not None:
-            self.bytes -= old.size
+            self._uncount(old)
         self._index[eid] = entry
         self._keep_hot(eid, Body(data, entry.stream))
         self._writes.append((entry, data))
@@ -305,6 +308,7 @@ class Cache:
                 if self._index.get(entry.id) is entry:
                     entry.size = size
                     self.bytes += size
+                    self.stored += 1
             self._evict()
 
         def failed(f: Any) -> None:
@@ -370,10 +374,15 @@ class Cache:
         if doomed:
             self._forget(doomed)
 
+    def _uncount(self, entry: CacheEntry) -> None:
+        if entry.size:
+            self.bytes -= entry.size
+            self.stored -= 1
+
     def _forget(self, entries: list[CacheEntry]) -> Deferred[Any]:
         for e in entries:
             if self._index.pop(e.id, None) is not None:
-                self.bytes -= e.size
+                self._uncount(e)
             self._drop_hot(e.id)
             self._touched.pop(e.id, None)
         d = self._run(_delete_txn, [(e.key, e.scope) for e in entries])

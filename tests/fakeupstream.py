@@ -306,7 +306,9 @@ class FakeUpstream(Resource):
         return NOT_DONE_YET
 
 
-def start(upstream: FakeUpstream | None = None) -> FakeUpstream:
+def start(upstream: FakeUpstream | None = None, idle_timeout: float | None = None) -> FakeUpstream:
+    """Listen on a free loopback port; ``idle_timeout``: close keep-alive connections idle that long."""
     upstream = upstream or FakeUpstream()
-    upstream.port = global_reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
+    site = Site(upstream) if idle_timeout is None else Site(upstream, timeout=idle_timeout)
+    upstream.port = global_reactor.listenTCP(0, site, interface="127.0.0.1")
     return upstream

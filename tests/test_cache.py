@@ -124,6 +124,26 @@ def test_ttl_expires_entries():
     assert cache.lookup("a" * 64, [SHARED]) is None and len(cache) == 0
 
 
+def test_entries_and_bytes_are_one_snapshot():
+    """An answer is served from memory before its write: until the write, it
+    counts in neither the stored entries nor their bytes."""
+    clock = Clock()
+    cache = Cache(FakeDB().run, clock)
+    cache.store(entry("a" * 64), b"x" * 100)
+    clock.advance(Cache.WRITE_DELAY)
+    cache.store(entry("b" * 64), b"y" * 50)
+    assert cache.lookup("b" * 64, [SHARED]) is not None  # served already
+    assert (cache.stored, cache.bytes) == (1, 100)
+    clock.advance(Cache.WRITE_DELAY)
+    assert (cache.stored, cache.bytes) == (2, 150)
+    cache.store(entry("a" * 64), b"z" * 10)  # replaced: the old bytes go, the new wait for their write
+    assert (cache.stored, cache.bytes) == (1, 50)
+    clock.advance(Cache.WRITE_DELAY)
+    assert (cache.stored, cache.bytes) == (2, 60)
+    cache.clear()
+    assert (cache.stored, cache.bytes) == (0, 0)
+
+
 def test_size_cap_evicts_least_recently_used():
     clock, db = Clock(), FakeDB()
     cache = Cache(db.run, clock, max_bytes=250)

@@ -111,3 +111,22 @@ async def test_an_upstreams_cookie_never_reaches_another_request(start_proxy, ht
     assert response.code == 200 and response.headers.getRawHeaders(b"set-cookie") is None
     await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="other"))
     assert proxy.upstream.received[-1].header("cookie") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(start_proxy, http):
+    """Upstreams drop idle keep-alive connections; the next request gets a new one, not a 502."""
+    from . import fakeupstream
+    from .conftest import sleep
+
+    closing = fakeupstream.start(idle_timeout=0.2)
+    try:
+        proxy = await start_proxy(OPENAI_BASE_URL=f"{closing.url}/openai/v1")
+        for i in range(2):
+            doc = dict(CHAT, messages=[{"role": "user", "content": f"Say hello #{i}"}])
+            response, _ = await post_json(http, proxy.v1 + "/chat/completions", doc)
+            assert response.code == 200
+            await sleep(0.5)  # the upstream has closed the pooled connection by now
+        assert len(closing.received) == 2
+    finally:
+        await closing.port.stopListening()

@@ -12,10 +12,18 @@ the second until the peer's delayed ACK, 40 ms later.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from ._errors import bad_request
+
+#: A Host header: a bracketed IPv6 address or a name of URL characters, and an optional port.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
 
 
 class LimitedRequest(Request):
@@ -55,6 +63,53 @@ class QuietSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def getResourceFor(self, request: Any) -> Any:
+        """A request whose host or path no route could read is answered here, with a 400."""
+        problem = unreadable(request)
+        if problem is not None:
+            return _Refused(problem)
+        return super().getResourceFor(request)
+
+
+def unreadable(request: Any) -> str | None:
+    """Why the routing layer could not read a request's ``Host`` or path, or ``None``."""
+    host = request.getHeader(b"host")
+    if host is not None and not _is_host(host):
+        return "The Host header is not a host name."
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+    except UnicodeDecodeError:
+        return "The path is not UTF-8 once percent-decoded."
+    return None
+
+
+def _is_host(host: bytes) -> bool:
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    name = match.group(1)
+    if name and not name.startswith(b"["):
+        try:
+            name.decode("ascii").encode("idna")  # (refuses empty labels: ".1", "a..b")
+        except UnicodeError:
+            return False
+    return True
+
+
+class _Refused(Resource):
+    """An OpenAI-shaped 400, for a request that never reaches a route."""
+
+    isLeaf = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.error = bad_request(message, "invalid_request")
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(400)
+        request.setHeader(b"content-type", b"application/json")
+        return self.error.to_bytes()
 
 
 def no_delay_listening(port: Any) -> None:

@@ -153,8 +153,9 @@ class Proxy:
         self.run_in_thread = run_in_thread
         self.load_encodings = load_encodings
         self.on_count_difference = on_count_difference
+        #: Requests not answered yet: their Deferreds (see :meth:`handle`), and
+        #: their calls by id (``/api/inflight``).
         self.in_flight: set[Deferred[Any]] = set()
-        #: Requests not answered yet, by id (``/api/inflight``).
         self.calls: dict[int, Call] = {}
         #: Our own counts of long answers, running in threads: their ledger rows wait for them.
         self.counting: set[Deferred[Any]] = set()
@@ -167,15 +168,16 @@ class Proxy:
 
         The body to finish the response with (``b""`` when the response was
         written already), once the call's ledger row is queued: at once for a
-        cache hit from memory or a refusal, else as a Deferred.  No coroutine
-        and no Deferred for those: this runs for every request.
+        cache hit from memory or a refusal, else as a Deferred, which is in
+        :attr:`in_flight` until it fires (a shutdown waits for it, and
+        cancels it when the grace runs out).
         """
-        call = Call(  # (positional: id, started, method, subpath, query)
-            self.ledger.next_id(),
-            self.clock.seconds(),
-            request.method.decode("ascii", "replace"),
-            subpath,
-            request.uri.partition(b"?")[2],
+        call = Call(
+            id=self.ledger.next_id(),
+            started=self.clock.seconds(),
+            method=request.method.decode("ascii", "replace"),
+            subpath=subpath,
+            query=request.uri.partition(b"?")[2],
         )
         request.setHeader(b"X-GreyFox-Request-Id", str(call.id).encode())
         try:
@@ -189,14 +191,17 @@ class Proxy:
             self._account(call)
             return outcome
         self.calls[call.id] = call
+        self.in_flight.add(outcome)
 
         def done(body: bytes | None) -> bytes:
             del self.calls[call.id]
+            self.in_flight.discard(outcome)
             self._account(call)
             return body or b""
 
         def failed(failure: Failure) -> Any:
             del self.calls[call.id]
+            self.in_flight.discard(outcome)
             if failure.check(ApiError):
                 body = self.refuse(call, request, failure.value)
                 self._account(call)

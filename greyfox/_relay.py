@@ -177,7 +177,7 @@ class Subscriber:
 
     ``done`` fires when its response is complete, errbacks with the error the
     call ended in (an ``ApiError`` before any response), and can be cancelled
-    when its client leaves (the /v1 resource does it).
+    when its client leaves (Klein cancels the route's Deferred then).
     """
 
     def __init__(self, request: Any, strip_usage_chunk: bool, clock: IReactorTime, on_first_byte: Callable[[], None]) -> None:
@@ -248,7 +248,7 @@ class Subscriber:
             self.fanout.resume(self)
 
     def stopProducing(self) -> None:
-        """The client hung up (its transport tells us before ``serve_v1`` cancels ``done``)."""
+        """The client hung up (its transport tells us before Klein cancels ``done``)."""
         self._leave()
         self.clock.callLater(0, lambda: self.done.called or self.done.errback(Failure(ClientGone())))
 

@@ -223,11 +223,15 @@ class KnownCounts:
 known_counts = KnownCounts()
 
 
-def _content_text(content: Any) -> Iterable[str]:
+#: Parts nested deeper than this in a message's content are not counted (no API nests them).
+MAX_CONTENT_DEPTH = 16
+
+
+def _content_text(content: Any, depth: int = 0) -> Iterable[str]:
     """Text parts of a message ``content`` (a string or a list of parts)."""
     if isinstance(content, str):
         yield content
-    elif isinstance(content, list):
+    elif isinstance(content, list) and depth < MAX_CONTENT_DEPTH:
         for part in content:
             if isinstance(part, str):
                 yield part
@@ -236,7 +240,7 @@ def _content_text(content: Any) -> Iterable[str]:
                     if isinstance(part.get(key), str):
                         yield part[key]
                 if isinstance(part.get("content"), (str, list)):
-                    yield from _content_text(part["content"])
+                    yield from _content_text(part["content"], depth + 1)
 
 
 def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any], known: KnownCounts | None = None) -> int:
@@ -261,7 +265,9 @@ def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any], known: KnownCo
                 calls = message.get("tool_calls")
                 if isinstance(calls, list):
                     for call in calls:
-                        fn = call.get("function", {}) if isinstance(call, dict) else {}
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        if not isinstance(fn, dict):
+                            continue
                         for key in ("name", "arguments"):
                             if isinstance(fn.get(key), str):
                                 total += count(enc, fn[key])

@@ -28,19 +28,11 @@ log = Logger()
 
 
 def serve_v1(proxy: Proxy, request: IRequest) -> bytes | Deferred[bytes]:
-    """Serve one ``/v1`` request; the shutdown waits for what is in :attr:`Proxy.in_flight`."""
+    """Serve one ``/v1`` request."""
     outcome = proxy.handle(request, request.path[len(b"/v1") :] or b"/")
     if isinstance(outcome, bytes):  # answered at once (a cache hit, a refusal)
         return outcome
-    proxy.in_flight.add(outcome)
-
-    def ended(result: Any) -> Any:
-        proxy.in_flight.discard(outcome)
-        if isinstance(result, Failure):
-            return _failed(request, result)
-        return result
-
-    return outcome.addBoth(ended)
+    return outcome.addErrback(lambda failure: _failed(request, failure))
 
 
 def _failed(request: Any, failure: Failure) -> bytes | Failure:

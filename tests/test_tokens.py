@@ -146,3 +146,23 @@ def test_a_counter_without_an_encoding_yet_is_exact_once_it_arrives(encodings):
         late.feed(piece)
     late.resolve(enc)
     assert late.exact and late.total == len(enc.encode_ordinary(text))
+
+
+def nested_parts(depth: int) -> object:
+    content: object = "deep"
+    for _ in range(depth):
+        content = [{"content": content}]
+    return content
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": "not an object"}, "nor this", {"function": None}]}]},
+        {"messages": [{"role": "user", "content": [{"content": [{"content": "x"}]}]}]},
+        {"messages": [{"role": "user", "content": nested_parts(5000)}]},
+    ],
+    ids=["tool-call-not-an-object", "nested-parts", "deeply-nested-parts"],
+)
+def test_prompt_estimate_takes_any_shape_of_body(encodings, body):
+    assert estimate_prompt_tokens(encodings["cl100k_base"], body) >= 6

@@ -130,3 +130,23 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(start_p
         assert len(closing.received) == 2
     finally:
         await closing.port.stopListening()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /api/status HTTP/1.1\r\nHost: .1\r\nConnection: close\r\n\r\n",
+        b"GET /api/status HTTP/1.1\r\nHost: \xff\xfe\r\nConnection: close\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: \xff\xfe\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n",
+        b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ],
+    ids=["dot-host", "binary-host-api", "binary-host-v1", "bracket-host", "non-utf8-path"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_strange_host_or_path_is_a_clean_answer_and_nothing_is_logged_as_an_error(start_proxy, head):
+    proxy = await start_proxy()
+    answer = await raw(proxy, head)
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500, answer[:300]
+    assert not proxy.upstream.received

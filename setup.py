@@ -32,6 +32,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",  # a Deferred that never fires fails its test, with every thread's stack
             "hypothesis>=6.100",
             "openai>=1.40",
             "playwright>=1.40",

@@ -181,7 +181,8 @@ class Flight:
         """The body is over: take usage, store a complete answer, end every client.
 
         :param broken: the body broke off; clients still waiting get
-            :class:`BrokenOff`, so that their responses are aborted.
+            :class:`BrokenOff`, so that their responses are aborted (a
+            stream's, after one error event that says why).
         """
         code = self.response.code
         if not self.answered:  # _answered() took it when the stream said it was over
@@ -189,6 +190,8 @@ class Flight:
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
             self._after_count(self._store, self._content_type)
+        if broken and self._meter is not None and self.fanout is not None and not complete:
+            self.fanout.send_last(error_event(f"The upstream's answer broke off: {error}.", "upstream_error", "upstream_broke_off"))
         self._finish(Failure(BrokenOff(error)) if broken else None, error)
 
     def _crashed(self, failure: Failure) -> None:
@@ -477,9 +480,13 @@ def _feed_completion_text(counter: IncrementalCounter, doc: Any) -> None:
 
 
 def cut_off_event(code: str, user: str) -> bytes:
-    """The SSE event that ends a stream cut off at a limit (OpenAI's error shape)."""
+    """The SSE event that ends a stream cut off at a limit."""
     what = {"daily_token_limit": f"User {user!r} reached the daily token limit",
             "daily_budget": "The day reached the daily budget"}.get(code, "A limit was reached")
-    error = {"message": f"{what} during this stream; GreyFox ended it here.", "type": "quota_exceeded",
-             "code": code, "param": None}
+    return error_event(f"{what} during this stream; GreyFox ended it here.", "quota_exceeded", code)
+
+
+def error_event(message: str, kind: str, code: str) -> bytes:
+    """An SSE event with an OpenAI-shaped error: how GreyFox ends a stream early."""
+    error = {"message": message, "type": kind, "code": code, "param": None}
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

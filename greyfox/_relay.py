@@ -349,9 +349,12 @@ class Fanout:
         self._send(pieces)
 
     def send_last(self, data: bytes) -> None:
-        """Write ``data`` to every subscriber, unkept and unmetered: the last thing they get."""
+        """Write ``data``, unkept and unmetered, to every subscriber whose response
+        has begun: the last thing they get.  (One that got nothing yet can
+        still be answered with an error status instead.)"""
         for sub in self.subscribers:
-            sub.write(data)
+            if sub.on_first_byte is None:
+                sub.write(data)
 
     def finish(self) -> None:
         """The body ended cleanly: relay an unterminated last event, if any."""

@@ -6,8 +6,10 @@ One :class:`UpstreamClient` per service.  It owns the
 follows no redirects: an upstream's ``Set-Cookie`` must never reach another
 client's request, and a redirect must never carry GreyFox's key elsewhere.
 Responses come back unbuffered, so the relay reads the body with its own
-push-producer protocol.  treq asks for gzip and decodes it; a gzip body
-that does not decode ends as a failed response.
+push-producer protocol.  No gzip is asked for (treq would ask for it on
+every request: :class:`_PlainAgent` takes the header out again); a body an
+upstream gzips all the same is decoded, and one that does not decode ends
+as a failed response, never as a short complete one.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.python.components import proxyForInterface
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from treq.client import HTTPClient
 from zope.interface import implementer
 
@@ -88,6 +92,52 @@ class _Endpoints:
         return _NoDelay(endpoint)
 
 
+@implementer(IAgent)
+class _PlainAgent:
+    """The agent under treq: sends no ``Accept-Encoding``, and fails a body its
+    protocol cannot take (treq's gzip decoder raises; the HTTP client would
+    otherwise end the body as complete)."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None) -> Any:
+        if headers is not None:
+            headers = headers.copy()
+            headers.removeHeader(b"accept-encoding")
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(_GuardedResponse)
+
+
+class _GuardedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    def deliverBody(self, protocol: Any) -> None:
+        self.original.deliverBody(_Guard(protocol))
+
+
+class _Guard(proxyForInterface(IProtocol)):  # type: ignore[misc]
+    """A body protocol whose ``dataReceived`` may raise: the body then stops
+    and ends in :class:`ResponseFailed` with the error."""
+
+    _failed: Failure | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.original.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed is not None:
+            return
+        try:
+            self.original.dataReceived(data)
+        except Exception:
+            self._failed = Failure()
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._failed is not None:
+            reason = Failure(ResponseFailed([self._failed]))
+        self.original.connectionLost(reason)
+
+
 class UpstreamClient:
     """Calls upstreams; :meth:`close` when the service stops.
 
@@ -100,7 +150,7 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = MAX_IDLE_PER_ORIGIN
         self.pool.cachedConnectionTimeout = MAX_IDLE_SECONDS
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout, trust_root), pool=self.pool)
-        self._treq = HTTPClient(agent, cookiejar=NoCookies())
+        self._treq = HTTPClient(_PlainAgent(agent), cookiejar=NoCookies())
 
     def request(self, method: str, url: bytes, headers: Headers, body: bytes | None) -> Deferred[IResponse]:
         """Send one request; fires with the response once its headers came.

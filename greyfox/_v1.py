@@ -35,7 +35,7 @@ def serve_v1(proxy: Proxy, request: IRequest) -> bytes | Deferred[bytes]:
     return outcome.addErrback(lambda failure: _failed(request, failure))
 
 
-def _failed(request: Any, failure: Failure) -> bytes | Failure:
+def _failed(request: Any, failure: Failure) -> bytes | Failure | Deferred[bytes]:
     if request.channel is None or request.finished:
         return failure  # the client left: Klein has nothing to answer (and logs no CancelledError)
     if failure.check(BrokenOff):
@@ -45,9 +45,13 @@ def _failed(request: Any, failure: Failure) -> bytes | Failure:
     else:
         log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
         error = ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
-    if request.startedWriting:  # the client must not take what it got for a whole answer
-        request.transport.abortConnection()
-        return b""
+    if request.startedWriting:
+        # The client must not take what it got for a whole answer: what was
+        # written (a stream's last event says why) goes out, then the
+        # connection closes without the response's end.  Klein cancels the
+        # Deferred returned here once the connection is gone.
+        request.channel.loseConnection()
+        return Deferred()
     request.setResponseCode(error.status)
     request.responseHeaders.removeHeader(b"content-length")  # (the upstream's, if its headers were set)
     request.setHeader(b"content-type", b"application/json")

@@ -231,11 +231,27 @@ async def broken_off(http: Any, url: str, doc: Any) -> bytes:
     raise AssertionError(f"a broken-off answer ended as if complete: {b''.join(got)!r}")
 
 
+def assert_ends_with_an_error_event(body: bytes, code: str, said: str) -> None:
+    last = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")][-1]
+    error = json.loads(last[len(b"data: "):])["error"]
+    assert error["code"] == code and said in error["message"], error
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_body_that_is_not_the_gzip_it_says_is_a_502(start_proxy, http):
+    proxy = await start_proxy()
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, model="bad-gzip"))
+    assert response.code == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and the proxy serves on
+    assert response.code == 200
+
+
 @pytest_twisted.ensureDeferred
 async def test_silent_stream_is_aborted_after_the_idle_timeout(start_proxy, http):
     proxy = await start_proxy(GREYFOX_STREAM_IDLE_TIMEOUT="0.3")
     body = await broken_off(http, proxy.v1 + "/chat/completions", dict(CHAT, model="stall-after-2", stream=True))
-    assert body.count(b"data: ") == 2
+    assert body.count(b"data: {\"id\"") == 2
+    assert_ends_with_an_error_event(body, "upstream_broke_off", "GREYFOX_STREAM_IDLE_TIMEOUT")
     assert await _wait(proxy.upstream.lost[0], 2.0) is True
     await eventually(lambda: proxy.service.ledger.pending == 0 and proxy.service.ledger.written == 1)
     [row] = (await proxy.service.api.requests({}))[1]["requests"]
@@ -246,8 +262,9 @@ async def test_silent_stream_is_aborted_after_the_idle_timeout(start_proxy, http
 async def test_upstream_dropping_mid_stream_aborts_the_client_stream(start_proxy, http):
     proxy = await start_proxy()
     body = await broken_off(http, proxy.v1 + "/chat/completions", dict(CHAT, model="drop-after-2", stream=True))
-    assert body.count(b"data: ") == 2
+    assert body.count(b"data: {\"id\"") == 2
     assert b"[DONE]" not in body
+    assert_ends_with_an_error_event(body, "upstream_broke_off", "dropped")
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and the proxy serves on
     assert response.code == 200
 
@@ -409,10 +426,10 @@ async def test_no_key_in_logs_or_database(start_proxy, http, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_gzip_from_the_upstream_is_decoded_and_host_is_the_upstreams(start_proxy, http):
+async def test_no_gzip_is_asked_for_one_sent_anyway_is_decoded_and_host_is_the_upstreams(start_proxy, http):
     proxy = await start_proxy()
     port = proxy.service.port.getHost().port
-    client = RawClient(raw_post(port, dict(CHAT, model="gzip")))
+    client = RawClient(raw_post(port, dict(CHAT, model="gzip"), headers=b"Accept-Encoding: gzip\r\n"))
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     await _wait(client.closed, 5)
     head, _, body = client.received.partition(b"\r\n\r\n")
@@ -420,7 +437,7 @@ async def test_gzip_from_the_upstream_is_decoded_and_host_is_the_upstreams(start
     assert b'"prompt_tokens": 13' in body  # plain JSON (chunk-framed), not gzip
     [seen] = proxy.upstream.received
     assert seen.header("host") == f"127.0.0.1:{proxy.upstream.port.getHost().port}"
-    assert "gzip" in seen.header("accept-encoding")
+    assert seen.header("accept-encoding") is None
 
 
 @pytest_twisted.ensureDeferred

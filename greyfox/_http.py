@@ -17,6 +17,8 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.protocols.basic import LineReceiver
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -51,11 +53,40 @@ class LimitedRequest(Request):
             super().handleContentChunk(data)
 
 
+class HeadDeadlineChannel(HTTPChannel):
+    """twisted.web's channel, with a deadline for each request's head.
+
+    twisted.web puts its idle timeout off at every byte, so a client sending
+    a head a byte at a time held a connection for ever.  Here the bytes of
+    a head do not put it off: from a head's first byte the client has the
+    idle timeout to complete it; a body's bytes and a complete head put it
+    off as before.
+    """
+
+    _in_head = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.line_mode or self._handlingRequest:
+            super().dataReceived(data)
+            return
+        if not self._in_head:  # the first byte of a head starts its deadline
+            self._in_head = True
+            self.resetTimeout()
+        LineReceiver.dataReceived(self, data)
+
+    def allHeadersReceived(self) -> None:
+        self._in_head = False
+        self.resetTimeout()
+        super().allHeadersReceived()
+
+
 class QuietSite(Site):
     """A Site for an API: no access-log line per request, request bodies
     capped at ``max_body`` bytes, and no HTML-form parsing of request bodies
     (twisted.web parses the Content-Type of every POST through the email
-    package for it)."""
+    package for it), and a deadline for each request's head."""
+
+    protocol = HeadDeadlineChannel
 
     def __init__(self, resource: Any, max_body: int = LimitedRequest.max_body) -> None:
         factory = type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})

@@ -150,3 +150,30 @@ async def test_a_strange_host_or_path_is_a_clean_answer_and_nothing_is_logged_as
     status = int(answer.split(b" ", 2)[1])
     assert status < 500, answer[:300]
     assert not proxy.upstream.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_sent_a_byte_at_a_time_is_cut_off_at_the_idle_timeout(start_proxy):
+    from .conftest import sleep
+
+    proxy = await start_proxy()
+    proxy.service.site.timeOut = 0.5  # (60 s as the daemon runs)
+    port = proxy.service.port.getHost().port
+    slow = RawClient(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), slow)
+    for _ in range(30):  # a byte every 0.1 s: each would put twisted.web's idle timeout off
+        if slow.closed.called:
+            break
+        slow.transport.write(b"X")
+        await sleep(0.1)
+    assert slow.closed.called, "a head trickling in a byte at a time held the connection past the timeout"
+    assert not proxy.upstream.received
+    # A client that sends its head at once and then a slow body is not cut off by it.
+    body = json.dumps(CHAT).encode()
+    steady = RawClient(raw_post(0, CHAT).split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), steady)
+    for i in range(0, len(body), 10):
+        steady.transport.write(body[i:i + 10])
+        await sleep(0.1)
+    await _wait(steady.closed, 5)
+    assert steady.received.startswith(b"HTTP/1.1 200 ")

@@ -179,6 +179,13 @@ class Settings:
     upstreams: Mapping[str, Upstream] = attr.Factory(dict)
     default_upstream: str = "openai"
     prices: Mapping[str, Mapping[str, float]] = attr.Factory(dict)
+    #: Per-user client tokens (``[users.NAME] token_env``): token -> user.
+    user_tokens: Mapping[str, str] = attr.ib(factory=dict, repr=False)
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether every /v1 request must bear a client token (GreyFox's or a user's)."""
+        return self.client_token is not None or bool(self.user_tokens)
 
     @property
     def max_body_bytes(self) -> int:
@@ -186,7 +193,7 @@ class Settings:
 
     def exposure_warning(self) -> str | None:
         """The start-up warning for a port anyone may reach with no client token."""
-        if is_loopback_endpoint(self.listen) or self.client_token is not None:
+        if is_loopback_endpoint(self.listen) or self.tokens_required:
             return None
         return (
             f"WARNING: listening on {self.listen} beyond loopback with no GREYFOX_CLIENT_TOKEN: "
@@ -266,7 +273,27 @@ def load_settings(
         raise ConfigError(f"default_upstream in {config_path}: no upstream named {default_upstream!r}")
     values["default_upstream"] = default_upstream
     values["prices"] = _prices(file_values.get("prices", {}), config_path)
+    values["user_tokens"] = _user_tokens(file_values.get("users", {}), environ, config_path)
     return Settings(**values)
+
+
+def _user_tokens(table: Any, environ: Mapping[str, str], path: str | None) -> dict[str, str]:
+    """``[users.NAME] token_env = "VAR"``: the token in ``$VAR`` is ``NAME``'s (tokens live in the environment only)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"users in {path}: must be a table of [users.NAME]")
+    tokens: dict[str, str] = {}
+    for name, row in table.items():
+        where = f"users.{name}.token_env in {path}"
+        env = row.get("token_env") if isinstance(row, dict) else None
+        if not isinstance(env, str) or not env:
+            raise ConfigError(f"{where}: must name the environment variable that holds the user's token")
+        token = environ.get(env)
+        if not token:
+            raise ConfigError(f"{where}: {env} is not set")
+        if token in tokens:
+            raise ConfigError(f"{where}: {env} holds the same token as user {tokens[token]!r}")
+        tokens[token] = str(name)
+    return tokens
 
 
 def _check_url(url: str, where: str) -> str:

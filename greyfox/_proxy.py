@@ -289,12 +289,11 @@ class Proxy:
         headers = _fields_of(request)
         call.forward_headers = forwarded_fields(headers)
         call.client_authorization = first_value(headers, b"authorization")
-        if self.settings.client_token is not None:
-            token = bearer(call.client_authorization)
-            if token is None or not _same(token, self.settings.client_token.encode()):
-                raise errors.unauthorized()
+        token_user = self.authenticate(bearer(call.client_authorization))
         user = first_value(headers, b"x-app-user-id")
-        if user is not None:
+        if token_user is not None:  # a user's own token: that user, whatever the header says
+            call.user = token_user
+        elif user is not None:
             user_text = user.decode("utf-8", "replace")
             if not valid_user(user_text):
                 raise errors.bad_request(
@@ -337,6 +336,22 @@ class Proxy:
             raise errors.bad_request("You must provide a model parameter.", "missing_model", "model")
         call.stream = doc.get("stream") is True
 
+    def authenticate(self, token: bytes | None) -> str | None:
+        """The user a client token names (``None`` for GreyFox's shared one);
+        raises 401 when tokens are required and this is none of them."""
+        s = self.settings
+        if not s.tokens_required:
+            return None
+        named = None
+        for user_token, user in s.user_tokens.items():  # (every one compared: the time says nothing)
+            if token is not None and _same(token, user_token.encode()):
+                named = user
+        if named is not None:
+            return named
+        if token is not None and s.client_token is not None and _same(token, s.client_token.encode()):
+            return None
+        raise errors.unauthorized()
+
     def route(self, call: Call) -> None:
         """Pick the upstream; rewrite the body for it (prefix removed, usage asked for)."""
         s = self.settings
@@ -377,7 +392,7 @@ class Proxy:
         upstream = call.route.upstream
         call.key = cache_key(upstream.name, call.subpath.decode("latin-1"), call.doc)
         credential = None
-        if not upstream.has_key and self.settings.client_token is None:
+        if not upstream.has_key and not self.settings.tokens_required:
             credential = call.client_authorization
         if credential:
             call.write_scope = credential_scope(self.secret, credential)
@@ -505,7 +520,7 @@ class Proxy:
         assert call.route is not None
         upstream = call.route.upstream
         headers = Headers(dict(call.forward_headers))
-        auth = upstream_authorization(upstream, call.client_authorization, self.settings.client_token is not None)
+        auth = upstream_authorization(upstream, call.client_authorization, self.settings.tokens_required)
         if auth is not None:
             headers.setRawHeaders(b"Authorization", [auth])
         url = upstream_url(upstream, call.subpath, call.query)

@@ -82,3 +82,16 @@ def test_exposed_port_without_client_token_warns():
     assert load_settings({"listen": "tcp:8080"}, {}).exposure_warning() is not None
     assert load_settings({"listen": "tcp:8080"}, {"GREYFOX_CLIENT_TOKEN": "t"}).exposure_warning() is None
     assert load_settings({}, {}).exposure_warning() is None
+
+
+def test_per_user_tokens_come_from_the_environment_the_config_names():
+    users = {"users": {"alice": {"token_env": "ALICE_TOKEN"}, "bob": {"token_env": "BOB_TOKEN"}}}
+    settings = load_settings({"config": "x.toml"}, {"ALICE_TOKEN": "tok-a", "BOB_TOKEN": "tok-b"}, lambda path: users)
+    assert settings.user_tokens == {"tok-a": "alice", "tok-b": "bob"} and settings.tokens_required
+    assert "tok-a" not in repr(settings)
+    with pytest.raises(ConfigError, match="users.bob.token_env in x.toml: BOB_TOKEN is not set"):
+        load_settings({"config": "x.toml"}, {"ALICE_TOKEN": "tok-a"}, lambda path: users)
+    with pytest.raises(ConfigError, match="same token as user 'alice'"):
+        load_settings({"config": "x.toml"}, {"ALICE_TOKEN": "tok-a", "BOB_TOKEN": "tok-a"}, lambda path: users)
+    with pytest.raises(ConfigError, match="users.carol.token_env"):
+        load_settings({"config": "x.toml"}, {}, lambda path: {"users": {"carol": {"token": "inline"}}})

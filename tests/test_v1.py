@@ -177,3 +177,25 @@ async def test_a_head_sent_a_byte_at_a_time_is_cut_off_at_the_idle_timeout(start
         await sleep(0.1)
     await _wait(steady.closed, 5)
     assert steady.received.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_users_own_token_makes_the_request_theirs_whatever_the_header_says(start_proxy, http, tmp_path):
+    config = tmp_path / "greyfox.toml"
+    config.write_text('[users.alice]\ntoken_env = "ALICE_TOKEN"\n')
+    proxy = await start_proxy({"config": str(config)}, ALICE_TOKEN="alice-secret", GREYFOX_CLIENT_TOKEN="shared")
+
+    async def send(token: str | None, user: str = "mallory") -> int:
+        headers = {"x-app-user-id": user} | ({"authorization": f"Bearer {token}"} if token else {})
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT, headers)
+        return response.code
+
+    assert await send("alice-secret") == 200  # alice's token, a header claiming mallory
+    assert await send("shared", "bob") == 200  # GreyFox's shared token: the header names the user
+    assert await send(None) == 401 and await send("alice-secre") == 401
+    await proxy.service.ledger.flush()
+    rows = (await proxy.service.api.requests({}))[1]["requests"]
+    assert [r["user"] for r in rows] == ["anonymous", "anonymous", "bob", "alice"]
+    assert [r["status"] for r in rows] == [401, 401, 200, 200]
+    assert all("secret" not in json.dumps(r.headers) and "shared" not in json.dumps(r.headers)
+               for r in proxy.upstream.received)

@@ -28,6 +28,10 @@ from ._store import GROUPS, SPLITS, Ledger, requests_txn, usage_txn
 
 Result = tuple[int, dict[str, Any]]
 
+#: How long a ledger write may wait on the database before /healthz says
+#: degraded, and before an API read stops waiting for the rows to be written.
+STALL_SECONDS = 1.0
+
 
 def _arg(args: Mapping[bytes, list[bytes]], name: str) -> str | None:
     values = args.get(name.encode())
@@ -75,9 +79,14 @@ class Api:
         cache_stats: CacheStats,
         quotas: Quotas,
         inflight: Callable[[], list[dict[str, Any]]] = list,
+        read: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
-        """:param inflight: the requests in flight now (``Proxy.inflight``)."""
+        """:param inflight: the requests in flight now (``Proxy.inflight``).
+        :param read: runs the read-only queries (``run`` when not given): on
+            a connection of their own, a write waiting on a locked database
+            does not hold them up."""
         self._inflight = inflight
+        self.read = read or run
         self.cache = cache
         self.cache_stats = cache_stats
         self.quotas = quotas
@@ -89,8 +98,10 @@ class Api:
         self.tz = ZoneInfo(settings.tz)
 
     async def _settled(self) -> None:
+        """Let the rows recorded so far reach the database, for a second at most:
+        a locked database must not hold an API read up."""
         if self.ledger.degraded is None:
-            await self.ledger.flush()
+            await self.ledger.flush(within=STALL_SECONDS)
 
     def _midnight(self, day: date) -> float:
         return datetime.combine(day, time(0), self.tz).timestamp()
@@ -114,7 +125,7 @@ class Api:
         await self._settled()
         start = self._midnight(day_from)
         offset = int(datetime.fromtimestamp(start, self.tz).utcoffset().total_seconds())  # type: ignore[union-attr]
-        rows = await self.run(usage_txn, group, start, self._midnight(day_to + timedelta(days=1)), split, offset)
+        rows = await self.read(usage_txn, group, start, self._midnight(day_to + timedelta(days=1)), split, offset)
         doc = {"group": group, "from": day_from.isoformat(), "to": day_to.isoformat(), "rows": rows}
         if split is not None:
             doc["split"] = split
@@ -133,7 +144,7 @@ class Api:
         if status:
             filters["status"] = _whole(status, "status", 100, 599)
         await self._settled()
-        rows = await self.run(requests_txn, limit + 1, before, filters)
+        rows = await self.read(requests_txn, limit + 1, before, filters)
         more = len(rows) > limit
         rows = rows[:limit]
         return 200, {
@@ -275,4 +286,8 @@ class Api:
     def health(self) -> Result:
         if self.ledger.degraded is not None:
             return 503, {"status": "degraded", "reason": self.ledger.degraded}
+        stalled = self.ledger.stalled()
+        if stalled > STALL_SECONDS:
+            return 503, {"status": "degraded",
+                         "reason": f"the database has not taken a ledger write for {stalled:.1f} s (locked?)"}
         return 200, {"status": "ok"}

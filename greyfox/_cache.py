@@ -198,6 +198,9 @@ class Cache:
     """The index, the hot bodies, and the writes behind them.
 
     :param run: ``ConnectionPool.runInteraction`` or a stand-in.
+    :param read: the same for the body reads (``run`` when not given): on a
+        connection of their own, a write waiting on a locked database does
+        not hold a cold hit up.
     :param ttl: seconds an entry stays valid; 0 = forever.
     :param max_bytes: cap on the stored (compressed) size.
     """
@@ -213,8 +216,10 @@ class Cache:
         ttl: float = 0.0,
         max_bytes: int = 1024 * 1024 * 1024,
         hot_bytes: int = HOT_BYTES,
+        read: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self._run = run
+        self._read = read or run
         self._clock = clock
         self.ttl = ttl
         self.max_bytes = max_bytes
@@ -261,7 +266,7 @@ class Cache:
         if hot is not None:
             return hot
         self._use(entry)
-        data = await self._run(_body_txn, entry.key, entry.scope)
+        data = await self._read(_body_txn, entry.key, entry.scope)
         if data is None:
             self._forget([entry])
             return None

@@ -404,6 +404,7 @@ class Ledger:
         self._committed = 0
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self._failures = 0
+        self._write_started: float | None = None
         self.degraded: str | None = None
         self.written = 0
 
@@ -431,8 +432,10 @@ class Ledger:
         self._recorded += 1
         self._schedule(self.FLUSH_DELAY)
 
-    def flush(self) -> Deferred[None]:
-        """Fires once every row recorded so far is committed."""
+    def flush(self, within: float | None = None) -> Deferred[None]:
+        """Fires once every row recorded so far is committed, or after
+        ``within`` seconds if that comes first (a locked database makes a
+        commit wait)."""
         if self._committed >= self._recorded:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -440,7 +443,23 @@ class Ledger:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.reset(0)
         self._schedule(0)
-        return d
+        if within is None:
+            return d
+        either: Deferred[None] = Deferred()
+        timer = self._clock.callLater(within, lambda: either.called or either.callback(None))
+
+        def committed(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not either.called:
+                either.callback(None)
+
+        d.addCallback(committed)
+        return either
+
+    def stalled(self) -> float:
+        """Seconds the batch being written has waited for the database (0 when none is)."""
+        return 0.0 if self._write_started is None else self._clock.seconds() - self._write_started
 
     def take_all(self) -> list[LedgerRow]:
         """Remove and return every queued row (for the shutdown spill)."""
@@ -458,6 +477,7 @@ class Ledger:
         batch = self._queue[: self.MAX_BATCH]
         del self._queue[: self.MAX_BATCH]
         self._writing = True
+        self._write_started = self._clock.seconds()
         # Past half the recorded range, the batch records a new end with its rows.
         self._reserving = self._last_id + ID_BLOCK if self._last_id > self._reserved_to - ID_BLOCK // 2 else 0
         d = self._run(write_batch_txn, batch, self._reserving)
@@ -465,6 +485,7 @@ class Ledger:
 
     def _written(self, refused: list[tuple[LedgerRow, str]] | None, batch: list[LedgerRow]) -> None:
         self._writing = False
+        self._write_started = None
         for row, reason in refused or ():
             log.error("ledger: row {id} cannot be stored ({reason}); the row, as JSON: {row}",
                       id=row.id, reason=reason, row=row_json(row))
@@ -490,6 +511,7 @@ class Ledger:
 
     def _failed(self, failure: Any, batch: list[LedgerRow]) -> None:
         self._writing = False
+        self._write_started = None
         self._queue[:0] = batch
         delay = self.RETRY_DELAYS[min(self._failures, len(self.RETRY_DELAYS) - 1)]
         self._failures += 1

@@ -150,6 +150,9 @@ class GreyFoxService(MultiService):
         self.reactor = reactor
         state = prepare_database(settings.db)
         self.dbpool = make_pool(settings.db, reactor)
+        # Reads on a connection of their own (SQLite's WAL lets them run beside
+        # the writer): a write waiting on a locked database holds up no read.
+        self.readpool = make_pool(settings.db, reactor)
         self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id)
         self.cache = Cache(
             self.dbpool.runInteraction,
@@ -157,6 +160,7 @@ class GreyFoxService(MultiService):
             state.cache_entries,
             ttl=settings.cache_ttl,
             max_bytes=int(settings.cache_max_mb * 1024 * 1024),
+            read=self.readpool.runInteraction,
         )
         self.encodings = Encodings(reactor, os.path.join(os.path.dirname(os.path.abspath(settings.db)), "tiktoken"))
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
@@ -190,7 +194,8 @@ class GreyFoxService(MultiService):
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
-                       self.cache, self.cache_stats, self.quotas, inflight=self.proxy.inflight)
+                       self.cache, self.cache_stats, self.quotas, inflight=self.proxy.inflight,
+                       read=self.readpool.runInteraction)
         app = GreyFoxApp(self.proxy, self.api, self.metrics, settings.admin_token)
         self.site = QuietSite(app.resource(), max_body=settings.max_body_bytes)
         self.site.displayTracebacks = False
@@ -276,6 +281,7 @@ class GreyFoxService(MultiService):
             yield self.dbpool.runInteraction(reserve_ids_txn, self.ledger.last_id).addErrback(lambda _: None)
         yield self.http.close()
         self.dbpool.close()
+        self.readpool.close()
 
     @defer.inlineCallbacks
     def _wait_while(self, busy: Callable[[], bool]) -> Any:

@@ -436,3 +436,34 @@ async def test_usage_past_sqlites_integers_is_stored_flagged_and_the_ledger_keep
     assert second["status"] == 200 and second["error"] is None
     code, health = await get_json(http, proxy.url + "/healthz")
     assert code == 200, health
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_locked_by_another_process_is_degraded_not_a_freeze(start_proxy, http, tmp_path):
+    """Another process holds the write lock: requests are answered, /healthz
+    says degraded within seconds, API reads answer, and once the lock goes
+    every row is written."""
+    import sqlite3
+    import time
+
+    db = str(tmp_path / "locked.db")
+    proxy = await start_proxy(db=db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(3):
+            response, _ = await post_json(http, proxy.v1 + "/chat/completions", distinct(i))
+            assert response.code == 200
+        await sleep(1.5)
+        code, health = await get_json(http, proxy.url + "/healthz")
+        assert code == 503 and health["status"] == "degraded", health
+        started = time.monotonic()
+        code, _ = await get_json(http, proxy.url + "/api/requests")
+        assert code == 200 and time.monotonic() - started < 2.5  # (not the 5 s a locked write waits)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    await eventually(lambda: proxy.service.ledger.pending == 0, timeout=15)
+    code, health = await get_json(http, proxy.url + "/healthz")
+    assert code == 200
+    assert len(await rows(http, proxy)) == 3

@@ -380,6 +380,9 @@ class Ledger:
     """
 
     MAX_BATCH = 500
+    #: Rows kept in memory while the database cannot be written (about 25 MB);
+    #: past it, the oldest half go to the side file.
+    MAX_QUEUED = 50_000
     RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 5.0)
     #: How long a row may wait for companions: each batch is one thread hop
     #: and one commit, so a short wait saves most of them at low load.  It is
@@ -387,9 +390,15 @@ class Ledger:
     FLUSH_DELAY = 0.1
 
     def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0,
-                 reserved_to: int | None = None) -> None:
+                 reserved_to: int | None = None,
+                 spill: Callable[[list[LedgerRow]], Deferred[Any]] | None = None) -> None:
         """:param reserved_to: the end of the id range the database has
-        recorded (see :data:`ID_BLOCK`); ``last_id + ID_BLOCK`` when not given."""
+        recorded (see :data:`ID_BLOCK`); ``last_id + ID_BLOCK`` when not given.
+        :param spill: writes rows to the side file, off the reactor thread
+            (``None``: rows stay in memory however many)."""
+        self._spill = spill
+        self._spilling = False
+        self.spilled = 0
         self._run = run
         self._clock = clock
         self._last_id = last_id
@@ -521,6 +530,30 @@ class Ledger:
                      reason=reason, n=len(self._queue))
         self.degraded = f"ledger database not writable: {reason}"
         self._schedule(delay)
+        if len(self._queue) > self.MAX_QUEUED and self._spill is not None and not self._spilling:
+            self._spill_oldest()
+
+    def _spill_oldest(self) -> None:
+        """Past :attr:`MAX_QUEUED` rows in memory, the oldest go to the side
+        file (inserted at the next start): memory stays bounded in a long outage."""
+        rows = self._queue[: len(self._queue) - self.MAX_QUEUED // 2]
+        del self._queue[: len(rows)]
+        self._spilling = True
+
+        def spilled(_: object) -> None:
+            self._spilling = False
+            self._committed += len(rows)  # (the oldest rows: commits still follow record order)
+            self.spilled += len(rows)
+            log.warn("ledger: database still not writable; {n} rows moved from memory to the side file", n=len(rows))
+
+        def failed(f: Any) -> None:
+            self._spilling = False
+            self._queue[:0] = rows
+            log.error("ledger: neither the database nor the side file takes rows ({e}); {n} kept in memory",
+                      e=f.getErrorMessage(), n=len(self._queue))
+
+        assert self._spill is not None
+        self._spill(rows).addCallbacks(spilled, failed)
 
 
 # -- queries (run in the pool's thread) --

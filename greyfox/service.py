@@ -153,7 +153,8 @@ class GreyFoxService(MultiService):
         # Reads on a connection of their own (SQLite's WAL lets them run beside
         # the writer): a write waiting on a locked database holds up no read.
         self.readpool = make_pool(settings.db, reactor)
-        self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id)
+        self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id,
+                             spill=lambda rows: in_thread(reactor, spill, settings.db, rows))
         self.cache = Cache(
             self.dbpool.runInteraction,
             reactor,

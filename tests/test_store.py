@@ -163,3 +163,19 @@ def test_the_ledger_records_a_new_id_range_before_the_old_one_runs_out():
     ledger.record(row(ledger))
     clock.advance(Ledger.FLUSH_DELAY)
     assert calls[-1] == (0,)  # recorded already: the next batch records nothing new
+
+
+def test_rows_past_the_memory_bound_go_to_the_side_file_while_the_database_is_down():
+    clock, db = Clock(), FakeDB()
+    spilled: list[list[LedgerRow]] = []
+    ledger = Ledger(db.run, clock, spill=lambda rows: spilled.append(list(rows)) or succeed(None))
+    ledger.MAX_QUEUED = 10
+    db.broken = True
+    for _ in range(25):
+        ledger.record(row(ledger))
+    clock.advance(Ledger.FLUSH_DELAY)
+    assert [r.id for r in spilled[0]] == list(range(1, 21))  # the oldest, down to half the bound
+    assert ledger.pending == 5 and ledger.spilled == 20
+    db.broken = False
+    clock.advance(10)
+    assert ledger.pending == 0 and [r.id for r in db.batches[0]] == list(range(21, 26))

@@ -9,7 +9,6 @@ ago is already in ``/api/requests``.
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import date, datetime, time, timedelta
 from typing import Any, Callable, Mapping
@@ -18,7 +17,7 @@ from zoneinfo import ZoneInfo
 from twisted.internet.defer import Deferred
 
 from . import __version__
-from . import _errors as errors
+from . import _errors as errors, _json
 from ._cache import Cache, CacheStats
 from ._config import Settings
 from ._quota import Overrides, Quotas
@@ -59,9 +58,9 @@ def _whole(value: str, name: str, low: int, high: int) -> int:
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise errors.bad_request("The request body is not valid JSON.", "invalid_json") from None
+        doc = _json.loads_request(body or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(doc, dict):
         raise errors.bad_request("The request body must be a JSON object.", "invalid_json")
     return doc

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 from klein import Klein
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.routing import BaseConverter
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.static import File
@@ -128,6 +128,8 @@ class GreyFoxApp:
             status, doc = result
         except ApiError as e:
             return _error(request, e)
+        except CancelledError:
+            raise  # the client left: Klein has nothing to answer
         except Exception:
             log.failure("admin API {path} failed", path=request.path.decode("latin-1", "replace"))
             return _error(request, ApiError(503, "The database could not answer; see the log.", "server_error", "db_error"))

@@ -109,9 +109,11 @@ def unreadable(request: Any) -> str | None:
     if host is not None and not _is_host(host):
         return "The Host header is not a host name."
     try:
-        unquote_to_bytes(request.path).decode("utf-8")
+        path = unquote_to_bytes(request.path).decode("utf-8")
     except UnicodeDecodeError:
         return "The path is not UTF-8 once percent-decoded."
+    if not path.isprintable():
+        return "The path holds control characters once percent-decoded."
     return None
 
 
@@ -140,7 +142,7 @@ class _Refused(Resource):
     def render(self, request: Any) -> bytes:
         request.setResponseCode(400)
         request.setHeader(b"content-type", b"application/json")
-        return self.error.to_bytes()
+        return b"" if request.method == b"HEAD" else self.error.to_bytes()
 
 
 def no_delay_listening(port: Any) -> None:

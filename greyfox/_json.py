@@ -49,9 +49,10 @@ def loads(body: bytes, decoder: json.JSONDecoder = _PLAIN) -> Any:
     return decoder.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
-#: A body that may hold a lone surrogate: a ``\u`` escape, or UTF-8-encoded
-#: surrogate bytes (which ``json.loads`` takes, as ``surrogatepass`` decodes them).
-_MAY_HOLD_SURROGATES = re.compile(rb"\\u|\xed[\xa0-\xbf]")
+#: A body that may hold a lone surrogate: a ``\u`` escape, UTF-8-encoded
+#: surrogate bytes (which ``json.loads`` takes, as ``surrogatepass`` decodes
+#: them), or a NUL byte (UTF-16 and UTF-32, which ``json.loads`` also takes).
+_MAY_HOLD_SURROGATES = re.compile(rb"\\u|\xed[\xa0-\xbf]|\x00")
 
 
 def loads_request(body: bytes) -> Any:

@@ -409,8 +409,9 @@ async def post_raw_json(http: Any, url: str, body: bytes) -> tuple[Any, Any]:
         b'{"model": "gpt-4o-mini", "temperature": NaN, "messages": []}',
         b'{"model": "gpt-4o-mini", "temperature": 1e999, "messages": []}',
         b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        '{"model": "deepseek/x", "messages": [{"role": "user", "content": "\ud800"}]}'.encode("utf-16", "surrogatepass"),
     ],
-    ids=["surrogate-model", "surrogate-content", "nan", "overflow", "deep"],
+    ids=["surrogate-model", "surrogate-content", "nan", "overflow", "deep", "utf16-surrogate"],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_body_greyfox_cannot_record_is_a_400_and_the_ledger_keeps_writing(start_proxy, http, body):

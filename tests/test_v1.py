@@ -140,8 +140,10 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(start_p
         b"GET /v1/models HTTP/1.1\r\nHost: \xff\xfe\r\nConnection: close\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n",
         b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /healthz%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"HEAD /index.html%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     ],
-    ids=["dot-host", "binary-host-api", "binary-host-v1", "bracket-host", "non-utf8-path"],
+    ids=["dot-host", "binary-host-api", "binary-host-v1", "bracket-host", "non-utf8-path", "nul-path", "nul-file"],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_strange_host_or_path_is_a_clean_answer_and_nothing_is_logged_as_an_error(start_proxy, head):
@@ -199,3 +201,13 @@ async def test_a_users_own_token_makes_the_request_theirs_whatever_the_header_sa
     assert [r["status"] for r in rows] == [401, 401, 200, 200]
     assert all("secret" not in json.dumps(r.headers) and "shared" not in json.dumps(r.headers)
                for r in proxy.upstream.received)
+
+
+@pytest.mark.parametrize("body", [b'{"daily_budget_usd": NaN}', b'{"daily_budget_usd": 1e999}',
+                                  b'{"daily_budget_usd": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
+@pytest_twisted.ensureDeferred
+async def test_an_admin_write_greyfox_cannot_read_is_a_400(start_proxy, http, body):
+    proxy = await start_proxy()
+    response = await http.put(proxy.url + "/api/quotas", data=body, headers={b"content-type": [b"application/json"]})
+    assert response.code == 400 and json.loads(await response.content())["error"]["code"] == "invalid_json"
+    assert proxy.service.quotas.daily_budget_usd == 0

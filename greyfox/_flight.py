@@ -190,8 +190,13 @@ class Flight:
         complete = self._meter.done if self._meter is not None else error is None
         if self.store and complete and code == 200:
             self._after_count(self._store, self._content_type)
-        if broken and self._meter is not None and self.fanout is not None and not complete:
-            self.fanout.send_last(error_event(f"The upstream's answer broke off: {error}.", "upstream_error", "upstream_broke_off"))
+        if broken:
+            for sub, call in self.subscribers:
+                if sub.on_first_byte is not None:  # nothing written yet: the client gets a 502 (see _v1)
+                    call.status = 502
+            if self._meter is not None and self.fanout is not None and not complete:
+                self.fanout.send_last(error_event(f"The upstream's answer broke off: {error}.", "upstream_error",
+                                                  "upstream_broke_off"))
         self._finish(Failure(BrokenOff(error)) if broken else None, error)
 
     def _crashed(self, failure: Failure) -> None:

@@ -209,3 +209,45 @@ async def test_the_docker_command_starts_and_uses_the_database_volume(tmp_path, 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+#: The upstream fault table, against the real daemon: (fake model, stream, the status
+#: the client sees, whether its body ends cleanly, what the ledger row's error says).
+FAULTS = [
+    ("fail-500", False, 500, True, None),
+    ("fail-429", False, 429, True, None),
+    ("hang", False, 504, True, "GREYFOX_READ_TIMEOUT"),
+    ("truncate", False, 200, False, "upstream dropped"),
+    ("bad-gzip", False, 502, True, "upstream dropped"),
+    ("drop-after-2", True, 200, False, "upstream dropped"),
+    ("stall-after-2", True, 200, False, "GREYFOX_STREAM_IDLE_TIMEOUT"),
+]
+
+
+@pytest.mark.parametrize("model, stream, status, clean, error", FAULTS, ids=[f[0] for f in FAULTS])
+@pytest_twisted.ensureDeferred
+async def test_upstream_faults_end_to_end(daemon, upstream, http, model, stream, status, clean, error):
+    d = daemon(GREYFOX_READ_TIMEOUT="0.5", GREYFOX_STREAM_IDLE_TIMEOUT="0.5")
+    await d.ready(http)
+    response = await http.post(d.url + "/v1/chat/completions", data=json.dumps(dict(CHAT, model=model, stream=stream)).encode(),
+                               headers={b"content-type": [b"application/json"]})
+    assert response.code == status
+    ended: list[Any] = []
+    await response.collect(lambda data: None).addBoth(ended.append)
+    assert (ended == [None]) is clean, ended
+    rows: list[Any] = []
+    for _ in range(100):  # (an answer without usage waits for the tokenizers, loaded on first need, to be counted)
+        rows = json.loads(await (await http.get(d.url + "/api/requests")).content())["requests"]
+        if rows:
+            break
+        await sleep(0.05)
+    assert [r["status"] for r in rows] == [status]
+    assert (error is None and rows[0]["error"] is None) or error in (rows[0]["error"] or ""), rows[0]
+    cache = json.loads(await (await http.get(d.url + "/api/cache")).content())
+    assert cache["entries"] == 0  # nothing broken is stored
+    response, _ = await post_json(http, d.url + "/v1/chat/completions", CHAT)
+    assert response.code == 200  # and the daemon serves on
+    health = await http.get(d.url + "/healthz")
+    assert health.code == 200
+    await health.content()
+    assert "Traceback" not in d.output(), d.output()

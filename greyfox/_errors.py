@@ -70,6 +70,10 @@ def unsupported_media(content_type: str) -> ApiError:
     )
 
 
+def internal_error() -> ApiError:
+    return ApiError(500, "GreyFox failed on this request; see its log.", "server_error", "internal_error")
+
+
 def bad_gateway(message: str) -> ApiError:
     return ApiError(502, message, "upstream_error", "upstream_unreachable")
 

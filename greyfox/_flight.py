@@ -208,13 +208,8 @@ class Flight:
     def _begin(self, sub: Subscriber, call: "Call") -> None:
         """Status and headers for one client, before its first body byte."""
         response = self.response
-        call.status = response.code
-        request = sub.request
-        request.setResponseCode(response.code)
-        for name, values in returned_fields(as_fields(response.headers.getAllRawHeaders())):
-            request.responseHeaders.setRawHeaders(name, values)
-        if self._meter is None and isinstance(response.length, int):  # relayed byte for byte (unknown after gzip)
-            request.setHeader(b"Content-Length", b"%d" % response.length)
+        length = response.length if self._meter is None and isinstance(response.length, int) else None  # (byte for byte)
+        self.proxy.respond(call, sub.request, response.code, returned_fields(as_fields(response.headers.getAllRawHeaders())), length)
 
     def _take_usage(self, code: int) -> None:
         """The upstream's usage if it sent one; otherwise our own count.

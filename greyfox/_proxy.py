@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +35,7 @@ from ._routing import (
     Fields, Route, as_fields, bearer, first_value, forwarded_fields, path_problem, resolve, upstream_authorization,
     upstream_url,
 )
+from ._relay import BrokenOff
 from ._store import Ledger, LedgerRow
 from ._watchdog import Watchdog
 from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
@@ -179,14 +180,13 @@ class Proxy:
             subpath=subpath,
             query=request.uri.partition(b"?")[2],
         )
-        request.setHeader(b"X-GreyFox-Request-Id", str(call.id).encode())
         try:
             outcome = self._begin(call, request)
         except ApiError as e:
             outcome = self.refuse(call, request, e)
         except Exception:
-            self._account(call)
-            return fail()  # a bug: serve_v1 logs it and answers 500
+            log.failure("request to {path} failed", path=request.path.decode("latin-1", "replace"))
+            outcome = self.refuse(call, request, errors.internal_error())
         if isinstance(outcome, bytes):
             self._account(call)
             return outcome
@@ -202,17 +202,34 @@ class Proxy:
         def failed(failure: Failure) -> Any:
             del self.calls[call.id]
             self.in_flight.discard(outcome)
+            if getattr(request, "channel", None) is None:  # the client left: nothing to answer
+                if failure.check(CancelledError):
+                    call.status, call.error = 499, "client disconnected"
+                self._account(call)
+                return failure  # (Klein drops a CancelledError once the request is gone)
             if failure.check(ApiError):
-                body = self.refuse(call, request, failure.value)
+                error = failure.value
+            elif failure.check(BrokenOff):
+                error = errors.bad_gateway(f"The upstream's answer broke off: {failure.value}.")
+            elif failure.check(CancelledError):  # a shutdown that ran out of grace
+                error = ApiError(503, "GreyFox shut down before the answer was complete; retry.", "server_error",
+                                 "shutting_down")
+            else:
+                log.failure("request to {path} failed", failure, path=request.path.decode("latin-1", "replace"))
+                error = errors.internal_error()
+            if not request.startedWriting:
+                body = self.refuse(call, request, error)
                 self._account(call)
                 return body
-            if failure.check(CancelledError):
-                if getattr(request, "channel", None) is None:
-                    call.status, call.error = 499, "client disconnected"
-                else:  # cancelled by a shutdown that ran out of grace; serve_v1 answers 503
-                    call.status, call.error = 503, "GreyFox shut down before the answer was complete"
+            # The answer began: the client must not take what it got for a whole
+            # one.  What was written (a stream's last event says why) goes out,
+            # then the connection closes without the response's end; Klein
+            # cancels the Deferred returned here once the connection is gone.
+            if call.error is None:
+                call.error = error.message
             self._account(call)
-            return failure
+            request.channel.loseConnection()
+            return Deferred()
 
         return outcome.addCallbacks(done, failed)
 
@@ -260,15 +277,9 @@ class Proxy:
 
     def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[None]:
         """Answer this client from ``flight``; fires when its response is complete."""
-        if not leader:  # (a flight that has its answer writes it to a new subscriber at once)
-            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
-            self.remaining_header(call, request)
-            return flight.subscribe(request, call).done
         subscriber = flight.subscribe(request, call)
-        flight.start()  # after subscribing: even an instant failure reaches this client
-        # The leader's headers once its upstream call is sent: nothing is written before it answers.
-        request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
-        self.remaining_header(call, request)
+        if leader:
+            flight.start()  # after subscribing: even an instant failure reaches this client
         return subscriber.done  # (fires with None: the response is written)
 
     def _account(self, call: Call) -> None:
@@ -417,14 +428,10 @@ class Proxy:
         """Answer from the cache."""
         data = body.for_client(call.wants_usage_chunk)
         now = self.clock.seconds()
-        call.cache, call.status, call.first_byte = "HIT", 200, now
+        call.cache, call.first_byte = "HIT", now
         call.usage, call.usage_source = entry.usage, "upstream"
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", entry.content_type.encode("latin-1"))
-        request.setHeader(b"X-GreyFox-Cache", b"HIT")
-        request.setHeader(b"Age", str(max(0, int(now - entry.created))).encode())
-        request.setHeader(b"content-length", str(len(data)).encode())
-        self.remaining_header(call, request)
+        headers = [(b"Content-Type", [entry.content_type.encode("latin-1")]), (b"Age", [b"%d" % max(0, int(now - entry.created))])]
+        self.respond(call, request, 200, headers, len(data))
         request.write(data)
 
     def joinable_flight(self, call: Call) -> Flight | None:
@@ -503,10 +510,27 @@ class Proxy:
         if counter.exact:
             self.on_count_difference(counter.total - upstream_completion)
 
-    def remaining_header(self, call: Call, request: IRequest) -> None:
-        remaining = self.quotas.remaining(call.user, self.clock.seconds())
-        if remaining is not None:
-            request.setHeader(b"X-RateLimit-Remaining-Tokens", str(remaining).encode())
+    def respond(self, call: Call, request: IRequest, status: int, headers: Iterable[tuple[bytes, list[bytes]]] = (),
+                length: int | None = None, quota_headers: bool = True, cache_header: bool = True) -> None:
+        """The one place a ``/v1`` response's status and headers are set.
+
+        ``headers`` first (the upstream's, or the answer's own), then
+        GreyFox's, which an upstream cannot override: the request id, the
+        cache outcome, the user's remaining daily tokens.
+        """
+        call.status = status
+        request.setResponseCode(status)
+        for name, values in headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        if length is not None:
+            request.setHeader(b"Content-Length", b"%d" % length)
+        request.setHeader(b"X-GreyFox-Request-Id", b"%d" % call.id)
+        if cache_header and call.cache != "NONE":
+            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
+        if quota_headers:
+            remaining = self.quotas.remaining(call.user, self.clock.seconds())
+            if remaining is not None:
+                request.setHeader(b"X-RateLimit-Remaining-Tokens", b"%d" % remaining)
 
     def forward(self, call: Call) -> Deferred[Any]:
         """Send the request upstream.
@@ -567,16 +591,12 @@ class Proxy:
 
     def refuse(self, call: Call, request: IRequest, error: ApiError) -> bytes:
         """Answer with GreyFox's own OpenAI-shaped error."""
-        call.status = error.status
         call.error = error.message
-        if call.key is not None:
-            request.setHeader(b"X-GreyFox-Cache", call.cache.encode())
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", b"application/json")
-        for name, value in error.headers:
-            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         body = error.to_bytes()
-        request.setHeader(b"content-length", str(len(body)).encode())
+        request.responseHeaders.removeHeader(b"content-length")  # (the upstream's, if its headers were set)
+        headers = [(b"Content-Type", [b"application/json"])]
+        headers += [(name.encode("latin-1"), [value.encode("latin-1")]) for name, value in error.headers]
+        self.respond(call, request, error.status, headers, len(body), quota_headers=False, cache_header=call.key is not None)
         return body
 
     def settle(self, call: Call) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,17 +17,10 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from . import fakeupstream
 from .conftest import PROXY_KEY, eventually, in_thread, post_json, proxy_env, sleep
+from .fuzz import free_port
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_twistd_lists_the_plugin():

@@ -18,7 +18,9 @@ the model name:
 * ``set-cookie``: answers normally but sets a cookie;
 * ``truncate``: a JSON answer that breaks off before its Content-Length;
 * ``huge-usage``: a chat answer whose usage counts 2**64 prompt tokens;
-* ``bad-gzip``: an answer that says it is gzip and is not.
+* ``bad-gzip``: an answer that says it is gzip and is not;
+* ``echo-sse``: streams back the bytes in the request's ``x_sse`` (base64),
+  cut at ``x_cuts``: the tests' way to send any stream.
 """
 
 from __future__ import annotations
@@ -215,6 +217,15 @@ class FakeUpstream(Resource):
                 "usage": usage,
             })
         request.setHeader(b"content-type", b"text/event-stream")
+        if model == "echo-sse":  # the request's own bytes, in the request's own pieces
+            import base64
+
+            raw = base64.b64decode(body["x_sse"])
+            cuts = sorted(set(c for c in body.get("x_cuts", []) if 0 < c < len(raw)))
+            pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+            for piece in pieces:
+                request.write(piece)
+            return NOT_DONE_YET if body.get("x_hold") else b""
         if model.startswith("big-"):
             BigStream(request, int(model[4:]) * 1024 * 1024, self).start()
             return NOT_DONE_YET

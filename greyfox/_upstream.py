@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
@@ -27,6 +28,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from treq.client import HTTPClient
 from zope.interface import implementer
+
+log = Logger()
 
 #: Idle connections kept per upstream origin (twisted.web's default of 2 makes
 #: a busy proxy open and close connections all the time).
@@ -115,7 +118,9 @@ class _GuardedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
 
 class _Guard(proxyForInterface(IProtocol)):  # type: ignore[misc]
     """A body protocol whose ``dataReceived`` may raise: the body then stops
-    and ends in :class:`ResponseFailed` with the error."""
+    and ends in :class:`ResponseFailed` with the error.  A decoder's failure
+    (``ResponseFailed``) is the upstream's fault; anything else is a bug in
+    the relay, and is logged as one."""
 
     _failed: Failure | None = None
 
@@ -130,6 +135,8 @@ class _Guard(proxyForInterface(IProtocol)):  # type: ignore[misc]
             self.original.dataReceived(data)
         except Exception:
             self._failed = Failure()
+            if not self._failed.check(ResponseFailed):
+                log.failure("relaying an upstream body failed", self._failed)
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Any) -> None:

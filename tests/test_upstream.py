@@ -78,3 +78,34 @@ async def test_https_upstreams_are_verified() -> None:
         await trusting.close()
         await platform.close()
         await port.stopListening()
+
+
+@pytest.mark.parametrize("raised, logged", [("decoder", 0), ("bug", 1)])
+def test_a_body_protocol_that_raises_fails_the_body(observe_errors, raised, logged):
+    """treq's gzip decoder raises ResponseFailed on a bad body (the upstream's
+    fault, quiet); anything else raised there is a relay bug, logged."""
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone, ResponseFailed
+
+    from greyfox._upstream import _Guard
+
+    ends: list[Failure] = []
+
+    class Body(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            raise ResponseFailed([Failure(ValueError("not gzip"))]) if raised == "decoder" else KeyError("bug")
+
+        def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+            ends.append(reason)
+
+    transport = StringTransport()
+    guard = _Guard(Body())
+    guard.makeConnection(transport)
+    guard.dataReceived(b"x")
+    guard.connectionLost(Failure(ResponseDone()))
+    [end] = ends
+    assert end.check(ResponseFailed) and transport.producerState == "stopped"
+    assert len(observe_errors) == logged
+    observe_errors.clear()

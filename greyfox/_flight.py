@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
 from . import _json
-from ._cache import MAX_ENTRY_BYTES, CacheEntry
+from ._cache import MAX_ENTRY_BYTES
 from ._errors import ApiError, describe_failure
 from ._relay import BodyPump, BrokenOff, ClientGone, CutOff, Fanout, StreamIdle, Subscriber
 from ._routing import as_fields, returned_fields
@@ -242,11 +242,9 @@ class Flight:
             self._count(enc, doc)
             return
         # The tokenizers are loading (they load once, on first need): count when they are in.
-        waiting = self._counting = proxy.load_encodings()
-        proxy.counting.add(waiting)  # (a shutdown waits for it: its rows are not queued yet)
+        waiting = self._counting = proxy.counted_on(proxy.load_encodings())
 
         def loaded(_: Any) -> Deferred[None] | None:
-            proxy.counting.discard(waiting)
             self._counting = None
             self._count(proxy.encoding_for(leader.model or ""), doc)
             return self._counting  # (a count in a thread, if the answer is long)
@@ -266,12 +264,10 @@ class Flight:
         if enc is None or size <= THREADED_COUNT_BYTES:
             self._counted(count_answer(*job), prompt)
             return
-        counting = self._counting = self.proxy.run_in_thread(count_answer, *job)
-        self.proxy.counting.add(counting)
+        counting = self._counting = self.proxy.counted_on(self.proxy.run_in_thread(count_answer, *job))
 
         def counted(counts: tuple[int, int | None]) -> None:
             self._counting = None
-            self.proxy.counting.discard(counting)
             self._counted(counts, prompt)
 
         counting.addCallback(counted).addErrback(self._count_failed)
@@ -286,7 +282,6 @@ class Flight:
         self.usage_source = "estimated"
 
     def _count_failed(self, failure: Failure) -> None:
-        self.proxy.counting.discard(self._counting)
         self._counting = None
         log.failure("request {id}: counting the answer failed; recorded without usage", failure, id=self.leader.id)
 
@@ -305,18 +300,7 @@ class Flight:
         body = self.fanout.body()
         if body is None or self.usage is None and self._meter is None and not self._json_body:
             return
-        leader = self.leader
-        scope, _, key = self.entry_id.partition(":")
-        usage = self.usage or Usage()
-        now = self.proxy.clock.seconds()
-        entry = CacheEntry(
-            key=key, scope=scope, upstream=leader.route.upstream.name, path=leader.subpath.decode("latin-1"),
-            model=leader.model, stream=self._meter is not None, status=200, content_type=content_type,
-            created=now, last_used=now, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=self.proxy.prices.cost(leader.model or "", usage) if self.usage else None,
-        )
-        self.proxy.cache.store(entry, body)
+        self.proxy.store_answer(self.leader, self.entry_id, self._meter is not None, content_type, body, self.usage)
 
     # -- endings --
 
@@ -341,11 +325,7 @@ class Flight:
     def _over_limit(self) -> str | None:
         """Whether what the stream produced so far carries its user past the
         daily token limit or the day past the budget: the limit's code."""
-        leader, proxy = self.leader, self.proxy
-        prompt, completion = leader.prompt_estimate or 0, self.tokens
-        usd = (proxy.prices.cost(leader.model or "", Usage(prompt, completion)) or 0.0) if proxy.quotas.daily_budget_usd else 0.0
-        assert leader.reservation is not None
-        return proxy.quotas.overrun(leader.reservation, prompt + completion, usd)
+        return self.proxy.over_limit(self.leader, self.tokens)
 
     def _cut_off(self, code: str) -> None:
         """End the stream here: one error event to every client, the upstream

@@ -28,7 +28,7 @@ from . import _errors as errors, _json
 from ._config import Settings
 from ._errors import ApiError
 from ._pricing import PriceTable
-from ._cache import Cache
+from ._cache import Cache, CacheEntry
 from ._cachekey import SHARED, cache_key, credential_scope
 from ._flight import Flight
 from ._routing import (
@@ -503,6 +503,41 @@ class Proxy:
                 "tokens_per_s": round(tokens / streaming, 1) if streaming > 0 else 0.0, "cache": call.cache,
             })
         return out
+
+    def counted_on(self, counting: Deferred[Any]) -> Deferred[Any]:
+        """``counting``, a count some ledger rows wait for, kept in :attr:`counting`
+        until it fires: a shutdown waits for those before it closes the database."""
+        self.counting.add(counting)
+
+        def done(result: Any) -> Any:
+            self.counting.discard(counting)
+            return result
+
+        return counting.addBoth(done)
+
+    def over_limit(self, call: Call, completion: int) -> str | None:
+        """The code of the limit a running stream's tokens so far (its prompt as
+        admitted, ``completion`` produced) carry its user or the day past."""
+        assert call.reservation is not None
+        prompt = call.prompt_estimate or 0
+        usd = 0.0
+        if self.quotas.daily_budget_usd:
+            usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
+        return self.quotas.overrun(call.reservation, prompt + completion, usd)
+
+    def store_answer(self, call: Call, entry_id: str, stream: bool, content_type: str, body: bytes,
+                     usage: Usage | None) -> None:
+        """Keep a complete ``200`` answer in the cache under ``entry_id`` (``scope:key``)."""
+        assert call.route is not None
+        scope, _, key = entry_id.partition(":")
+        now = self.clock.seconds()
+        known = usage or Usage()
+        self.cache.store(CacheEntry(
+            key=key, scope=scope, upstream=call.route.upstream.name, path=call.subpath.decode("latin-1"),
+            model=call.model, stream=stream, status=200, content_type=content_type, created=now, last_used=now,
+            prompt_tokens=known.prompt_tokens, completion_tokens=known.completion_tokens,
+            cached_tokens=known.cached_tokens, cost_usd=self.prices.cost(call.model or "", usage) if usage else None,
+        ), body)
 
     def on_stream_counted(self, call: Call, upstream_completion: int, counter: Any) -> None:
         """A stream came with the upstream's usage: how far our count of it was off."""

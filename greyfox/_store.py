@@ -168,6 +168,18 @@ def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
     return len(rows) - len(refused)
 
 
+def recover_spill(db_path: str) -> int:
+    """Insert the side file's rows on a connection of its own (in a thread, while running)."""
+    conn = open_database(db_path)
+    try:
+        n = _recover_spill(conn, db_path)
+    finally:
+        conn.close()
+    if os.path.exists(spill_path(db_path)):
+        raise RuntimeError("the database did not take the side file's rows")
+    return n
+
+
 @attr.s(auto_attribs=True, frozen=True)
 class StartState:
     """What the running service needs from the database, read once at start."""
@@ -391,13 +403,19 @@ class Ledger:
 
     def __init__(self, run: Callable[..., Deferred[Any]], clock: IReactorTime, last_id: int = 0,
                  reserved_to: int | None = None,
-                 spill: Callable[[list[LedgerRow]], Deferred[Any]] | None = None) -> None:
+                 spill: Callable[[list[LedgerRow]], Deferred[Any]] | None = None,
+                 recover: Callable[[], Deferred[Any]] | None = None) -> None:
         """:param reserved_to: the end of the id range the database has
         recorded (see :data:`ID_BLOCK`); ``last_id + ID_BLOCK`` when not given.
         :param spill: writes rows to the side file, off the reactor thread
-            (``None``: rows stay in memory however many)."""
+            (``None``: rows stay in memory however many).
+        :param recover: inserts the side file's rows into the database and
+            removes it, off the reactor thread: once the database takes
+            writes again after rows were spilled."""
         self._spill = spill
-        self._spilling = False
+        self._recover = recover
+        self._spilling = False  # a spill or a recovery of the side file is running
+        self._on_disk = 0  # rows spilled and not recovered yet
         self.spilled = 0
         self._run = run
         self._clock = clock
@@ -503,6 +521,8 @@ class Ledger:
             log.info("ledger: database writable again, {n} queued rows follow", n=len(self._queue))
         self.degraded = None
         self._failures = 0
+        if self._on_disk and self._recover is not None and not self._spilling:
+            self._recover_side_file()
         self._committed += len(batch)
         self._reserved_to = max(self._reserved_to, self._reserving)
         ready = [d for target, d in self._waiters if target <= self._committed]
@@ -544,6 +564,7 @@ class Ledger:
             self._spilling = False
             self._committed += len(rows)  # (the oldest rows: commits still follow record order)
             self.spilled += len(rows)
+            self._on_disk += len(rows)
             log.warn("ledger: database still not writable; {n} rows moved from memory to the side file", n=len(rows))
 
         def failed(f: Any) -> None:
@@ -554,6 +575,23 @@ class Ledger:
 
         assert self._spill is not None
         self._spill(rows).addCallbacks(spilled, failed)
+
+    def _recover_side_file(self) -> None:
+        """The database takes writes again: the rows spilled meanwhile go in now."""
+        self._spilling = True  # (no spill while the side file is read and removed)
+        on_disk, self._on_disk = self._on_disk, 0
+
+        def recovered(n: object) -> None:
+            self._spilling = False
+            log.info("ledger: the database is back; {n} rows from the side file are in it", n=n)
+
+        def failed(f: Any) -> None:
+            self._spilling = False
+            self._on_disk += on_disk  # (tried again after the next good write, or at the next start)
+            log.warn("ledger: could not insert the side file's rows yet ({e})", e=f.getErrorMessage())
+
+        assert self._recover is not None
+        self._recover().addCallbacks(recovered, failed)
 
 
 # -- queries (run in the pool's thread) --

@@ -33,7 +33,7 @@ from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, day_totals, make_pool, prepare_database, reserve_ids_txn, row_json, spill
+from ._store import Ledger, day_totals, make_pool, prepare_database, recover_spill, reserve_ids_txn, row_json, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -154,7 +154,8 @@ class GreyFoxService(MultiService):
         # the writer): a write waiting on a locked database holds up no read.
         self.readpool = make_pool(settings.db, reactor)
         self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id,
-                             spill=lambda rows: in_thread(reactor, spill, settings.db, rows))
+                             spill=lambda rows: in_thread(reactor, spill, settings.db, rows),
+                             recover=lambda: in_thread(reactor, recover_spill, settings.db))
         self.cache = Cache(
             self.dbpool.runInteraction,
             reactor,

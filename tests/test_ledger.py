@@ -468,3 +468,21 @@ async def test_a_database_locked_by_another_process_is_degraded_not_a_freeze(sta
     code, health = await get_json(http, proxy.url + "/healthz")
     assert code == 200
     assert len(await rows(http, proxy)) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_spilled_in_an_outage_reach_the_database_when_it_is_back(start_proxy, http, tmp_path):
+    db = str(tmp_path / "outage.db")
+    proxy = await start_proxy(db=db)
+    ledger = proxy.service.ledger
+    ledger.MAX_QUEUED = 4
+    working = ledger._run
+    ledger._run = lambda *a: fail(OSError("disk I/O error"))
+    for i in range(10):
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", distinct(i))
+        assert response.code == 200
+    await eventually(lambda: ledger.spilled > 0, timeout=10)
+    assert (tmp_path / "outage.db.unsaved.jsonl").exists()
+    ledger._run = working
+    await eventually(lambda: ledger.pending == 0 and not (tmp_path / "outage.db.unsaved.jsonl").exists(), timeout=15)
+    assert len(await rows(http, proxy)) == 10

@@ -192,7 +192,7 @@ class Flight:
             self._after_count(self._store, self._content_type)
         if broken:
             for sub, call in self.subscribers:
-                if sub.on_first_byte is not None:  # nothing written yet: the client gets a 502 (see _v1)
+                if not sub.started:  # nothing written yet: the client gets a 502 (Proxy.handle)
                     call.status = 502
             if self._meter is not None and self.fanout is not None and not complete:
                 self.fanout.send_last(error_event(f"The upstream's answer broke off: {error}.", "upstream_error",

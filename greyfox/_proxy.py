@@ -19,8 +19,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
-from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
@@ -75,6 +74,8 @@ class Call:
     first_byte: float | None = None
     cache: str = "NONE"
     error: str | None = None
+    #: The request's header fields by lower-cased name (read once, in parse).
+    headers: Fields = attr.Factory(dict)
     forward_headers: list[tuple[bytes, list[bytes]]] = attr.Factory(list)
     # cache plan (see Proxy.plan_cache)
     key: str | None = None
@@ -297,7 +298,7 @@ class Proxy:
         problem = path_problem(call.subpath + (b"?" + call.query if call.query else b""))
         if problem is not None:
             raise errors.bad_request(f"Invalid path /v1{call.subpath.decode('latin-1')}: {problem}.", "invalid_path")
-        headers = _fields_of(request)
+        headers = call.headers = _fields_of(request)
         call.forward_headers = forwarded_fields(headers)
         call.client_authorization = first_value(headers, b"authorization")
         token_user = self.authenticate(bearer(call.client_authorization))
@@ -388,7 +389,7 @@ class Proxy:
 
     def plan_cache(self, call: Call, request: IRequest) -> None:
         """Decide whether this request may be answered from, or stored in, the cache."""
-        headers = _fields_of(request)
+        headers = call.headers
         mode = self.settings.mode
         if (first_value(headers, b"x-greyfox-mode") or b"").strip().lower() == b"replay":
             mode = "replay"

@@ -192,6 +192,11 @@ class Subscriber:
         self.registered = False
         self.done: Deferred[None] = Deferred(canceller=lambda d: self._leave())
 
+    @property
+    def started(self) -> bool:
+        """Whether this client's response has begun (its first body byte was written)."""
+        return self.on_first_byte is None
+
     # -- called by the fan-out --
 
     def select(self, pieces: list[Piece]) -> bytes:
@@ -353,7 +358,7 @@ class Fanout:
         has begun: the last thing they get.  (One that got nothing yet can
         still be answered with an error status instead.)"""
         for sub in self.subscribers:
-            if sub.on_first_byte is None:
+            if sub.started:
                 sub.write(data)
 
     def finish(self) -> None:

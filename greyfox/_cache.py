@@ -24,7 +24,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ._cachekey import SHARED
+from ._cachekey import SHARED, canonical_request, key_of
+from ._jsondiff import Difference, nearest
 from ._sse import SSEParser
 from ._usage import Usage, is_usage_only
 
@@ -104,7 +105,7 @@ class Body:
 # -- SQL, run in the pool's thread --
 
 
-_INSERT = f"INSERT OR REPLACE INTO cache ({', '.join(_COLUMNS)}, body) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
+_INSERT = f"INSERT OR REPLACE INTO cache ({', '.join(_COLUMNS)}, body, request) VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
 _SIZE = _COLUMNS.index("size")
 
 
@@ -125,14 +126,15 @@ def unpack_body(blob: bytes) -> bytes:
     return blob[1:] if blob[:1] == _RAW else zlib.decompress(blob)
 
 
-def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes]]) -> list[int]:
-    """Pack and write a batch of (entry row, body) in one transaction (in the pool's thread);
-    the stored sizes of the bodies, in order."""
+def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes, bytes | None]]) -> list[int]:
+    """Pack and write a batch of (entry row, body, canonical request) in one
+    transaction (in the pool's thread); the stored sizes of the bodies, in order."""
     rows, sizes = [], []
-    for row, body in batch:
+    for row, body, request in batch:
         blob = pack_body(body)
         sizes.append(len(blob))
-        rows.append(row[:_SIZE] + (len(blob),) + row[_SIZE + 1 :] + (blob,))
+        packed = pack_body(request) if request is not None else None
+        rows.append(row[:_SIZE] + (len(blob),) + row[_SIZE + 1 :] + (blob, packed))
     txn.executemany(_INSERT, rows)
     return sizes
 
@@ -141,6 +143,37 @@ def _body_txn(txn: Any, key: str, scope: str) -> bytes | None:
     txn.execute("SELECT body FROM cache WHERE key = ? AND scope = ?", (key, scope))
     row = txn.fetchone()
     return unpack_body(row[0]) if row else None
+
+
+#: A replay miss compares itself with at most this many recorded requests.
+NEAREST_CANDIDATES = 200
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Nearest:
+    """The recorded request nearest to a missed one: its key, and what differs (old = recorded)."""
+
+    key: str
+    differences: list[Difference]
+
+
+def _nearest_txn(txn: Any, candidates: list[tuple[str, str]], waiting: dict[tuple[str, str], bytes],
+                 request: bytes) -> Nearest | None:
+    target = json.loads(request)
+
+    def recorded() -> Iterator[tuple[str, Any]]:
+        for key, scope in candidates:
+            data = waiting.get((key, scope))
+            if data is None:
+                txn.execute("SELECT request FROM cache WHERE key = ? AND scope = ?", (key, scope))
+                row = txn.fetchone()
+                if row is None or row[0] is None:  # gone, or stored before requests were kept
+                    continue
+                data = unpack_body(row[0])
+            yield key, json.loads(data)
+
+    found = nearest(target, recorded())
+    return Nearest(*found) if found is not None else None
 
 
 def _delete_txn(txn: Any, ids: list[tuple[str, str]]) -> None:
@@ -233,7 +266,7 @@ class Cache:
         self._hot_cap = hot_bytes
         self._touched: dict[str, CacheEntry] = {}
         self._touch_call: Any = None
-        self._writes: list[tuple[CacheEntry, bytes]] = []
+        self._writes: list[tuple[CacheEntry, bytes, bytes | None]] = []
         self._write_call: Any = None
 
     def __len__(self) -> int:
@@ -274,8 +307,8 @@ class Cache:
         self._keep_hot(entry.id, body)
         return body
 
-    def store(self, entry: CacheEntry, data: bytes) -> None:
-        """Store a complete answer.  It is served from memory at once; the
+    def store(self, entry: CacheEntry, data: bytes, request: bytes | None = None) -> None:
+        """Store a complete answer (and the canonical request it answers).  It is served from memory at once; the
         write is batched with the others of the next :attr:`WRITE_DELAY`
         seconds (one transaction; a failed write is logged and the entry
         dropped).  No Deferred per entry: this runs for every relayed answer."""
@@ -287,7 +320,7 @@ class Cache:
             self._uncount(old)
         self._index[eid] = entry
         self._keep_hot(eid, Body(data, entry.stream))
-        self._writes.append((entry, data))
+        self._writes.append((entry, data, request))
         if self._write_call is None:
             self._write_call = self._clock.callLater(self.WRITE_DELAY, self._write_batch)
 
@@ -306,10 +339,10 @@ class Cache:
     def _write_batch(self) -> Deferred[None]:
         self._write_call = None
         batch, self._writes = self._writes, []
-        copies = [(entry.row(), data) for entry, data in batch]  # a snapshot: the entry may change meanwhile
+        copies = [(entry.row(), data, request) for entry, data, request in batch]  # a snapshot: the entry may change meanwhile
 
         def written(sizes: list[int]) -> None:
-            for (entry, _), size in zip(batch, sizes):
+            for (entry, _, _), size in zip(batch, sizes):
                 if self._index.get(entry.id) is entry:
                     entry.size = size
                     self.bytes += size
@@ -318,7 +351,7 @@ class Cache:
 
         def failed(f: Any) -> None:
             log.warn("cache: could not store {n} entries ({reason})", n=len(batch), reason=f.getErrorMessage())
-            for entry, _ in batch:
+            for entry, _, _ in batch:
                 if self._index.get(entry.id) is entry:
                     del self._index[entry.id]
                 self._drop_hot(entry.id)
@@ -335,6 +368,18 @@ class Cache:
 
     def entries(self) -> list[CacheEntry]:
         return list(self._index.values())
+
+    def nearest(self, upstream: str, path: str, scopes: Iterable[str], request: bytes) -> Deferred[Nearest | None]:
+        """The recorded request of the same upstream and path nearest to ``request``
+        (canonical JSON), and what differs; read and compared in the read pool's thread.
+        Only the :data:`NEAREST_CANDIDATES` most recently used entries are compared."""
+        readable = set(scopes)
+        candidates = [
+            (e.key, e.scope) for e in reversed(self._index.values())
+            if e.upstream == upstream and e.path == path and e.scope in readable
+        ][:NEAREST_CANDIDATES]
+        waiting = {(e.key, e.scope): r for e, _, r in self._writes if r is not None}  # not in the database yet
+        return self._read(_nearest_txn, candidates, waiting, request)
 
     # -- internals --
 
@@ -403,11 +448,19 @@ def _hot_size(body: Body) -> int:
 
 
 def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Iterator[str]:
-    """One JSON line per entry.  Entries bought with a client's own credential
-    are left out unless ``include_private`` (they are then written as shared)."""
+    """One JSON line per entry, sorted by key, fields sorted: a re-recorded
+    cassette diffs line by line.  Entries bought with a client's own credential
+    are left out unless ``include_private`` (they are then written as shared,
+    and a shared entry of the same key wins)."""
     where = "" if include_private else "WHERE scope = 'shared'"
-    for row in conn.execute(f"SELECT {', '.join(_COLUMNS)}, body FROM cache {where} ORDER BY created"):
+    last_key = None
+    for row in conn.execute(
+        f"SELECT {', '.join(_COLUMNS)}, body, request FROM cache {where} ORDER BY key, scope = 'shared' DESC, scope"
+    ):
         entry = CacheEntry(*row[:5], bool(row[5]), *row[6:15])
+        if entry.key == last_key:
+            continue
+        last_key = entry.key
         data = unpack_body(row[15])
         doc: dict[str, Any] = {
             "version": CASSETTE_VERSION,
@@ -423,6 +476,8 @@ def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Ite
                       "cached_tokens": entry.cached_tokens},
             "cost_usd": entry.cost_usd,
         }
+        if row[16] is not None:
+            doc["request"] = json.loads(unpack_body(row[16]))
         try:
             doc["body"] = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -434,7 +489,7 @@ class CassetteError(Exception):
     """A cassette line is unusable; the message names the line."""
 
 
-def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes]:
+def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes, bytes | None]:
     try:
         doc = json.loads(line)
     except ValueError as e:
@@ -470,16 +525,22 @@ def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes]:
     else:
         raise CassetteError(f"line {number}: body or body_b64 is required")
     need(len(data) <= MAX_ENTRY_BYTES, "body is larger than a cache entry may be")
+    request = None
+    if "request" in doc:
+        need(isinstance(doc["request"], dict), "request must be a JSON object")
+        request = canonical_request(doc["request"])
+        need(key_of(doc["upstream"], doc["path"], request) == key,
+             "key does not match the request (a changed request needs recording again)")
     entry = CacheEntry(
         key, SHARED, doc["upstream"], doc["path"], doc.get("model"), doc["stream"], 200, doc["content_type"],
         float(doc["created"]), float(doc["created"]), 0, *counts, cost,
     )
-    return entry, data
+    return entry, data, request
 
 
 def import_lines(conn: sqlite3.Connection, lines: Iterable[str]) -> int:
     """Validate every line, then insert all of them in one transaction (or none)."""
     parsed = [_parse_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     with conn:
-        _store_many_txn(conn.cursor(), [(entry.row(), data) for entry, data in parsed])
+        _store_many_txn(conn.cursor(), [(entry.row(), data, request) for entry, data, request in parsed])
     return len(parsed)

@@ -28,13 +28,24 @@ def canonical_json(doc: Any) -> bytes:
     return _CANONICAL.encode(doc).encode("utf-8")
 
 
-def cache_key(upstream: str, path: str, body: dict[str, Any]) -> str:
-    """The hex key of a request: same upstream, path and body fields -> same key."""
+def canonical_request(body: dict[str, Any]) -> bytes:
+    """The request as the key sees it: canonical JSON without the ignored fields.
+    Cache entries and cassettes keep it, to explain a later miss."""
     kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS} if "stream_options" in body else body
+    return canonical_json(kept)
+
+
+def key_of(upstream: str, path: str, canonical: bytes) -> str:
+    """The hex key of a request given its :func:`canonical_request`."""
     h = hashlib.sha256()
     h.update(upstream.encode("utf-8") + b"\n" + path.encode("utf-8") + b"\n")
-    h.update(canonical_json(kept))
+    h.update(canonical)
     return h.hexdigest()
+
+
+def cache_key(upstream: str, path: str, body: dict[str, Any]) -> str:
+    """The hex key of a request: same upstream, path and body fields -> same key."""
+    return key_of(upstream, path, canonical_request(body))
 
 
 def credential_scope(secret: bytes, credential: bytes) -> str:

@@ -82,15 +82,22 @@ def gateway_timeout(message: str) -> ApiError:
     return ApiError(504, message, "upstream_error", "upstream_timeout")
 
 
-def cache_miss(key: str | None, why: str = "") -> ApiError:
+def cache_miss(key: str | None, why: str = "", nearest: Any = None) -> ApiError:
+    """Replay mode's 404.  With ``nearest`` (a :class:`~greyfox._cache.Nearest`),
+    it names the nearest recorded request and the first path that differs."""
     detail = f" ({why})" if why else ""
+    extra: tuple[tuple[str, Any], ...] = (("key", key),)
+    if nearest is not None:
+        first = nearest.differences[0].line() if nearest.differences else "nothing in the body"
+        detail += f"; the nearest recorded request ({nearest.key[:12]}) differs at {first}"
+        extra += (("nearest_key", nearest.key), ("differs_at", [d.path for d in nearest.differences[:10]]))
     return ApiError(
         404,
         "No cached answer for this request and replay mode never calls the upstream"
         f"{detail}. Record it first (GREYFOX_MODE=record) or import a cassette.",
         "cache_miss",
         "cache_miss",
-        extra=(("key", key),),
+        extra=extra,
     )
 
 

@@ -27,8 +27,8 @@ from . import _errors as errors, _json
 from ._config import Settings
 from ._errors import ApiError
 from ._pricing import PriceTable
-from ._cache import Cache, CacheEntry
-from ._cachekey import SHARED, cache_key, credential_scope
+from ._cache import Cache, CacheEntry, Nearest
+from ._cachekey import SHARED, canonical_request, credential_scope, key_of
 from ._flight import Flight
 from ._routing import (
     Fields, Route, as_fields, bearer, first_value, forwarded_fields, path_problem, resolve, upstream_authorization,
@@ -79,6 +79,8 @@ class Call:
     forward_headers: list[tuple[bytes, list[bytes]]] = attr.Factory(list)
     # cache plan (see Proxy.plan_cache)
     key: str | None = None
+    #: The canonical request the key is made of (kept with a stored answer).
+    canonical: bytes | None = None
     read_scopes: tuple[str, ...] = ()
     write_scope: str = SHARED
     lookup: bool = False
@@ -106,6 +108,17 @@ class Call:
     def wants_usage_chunk(self) -> bool:
         """Whether the client itself asked for it (not GreyFox on its behalf)."""
         return self.asks_for_usage and not self.strip_usage_chunk
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ReplayMiss:
+    """A request replay mode could not answer, and the recorded request nearest to it."""
+
+    upstream: str
+    path: str
+    model: str | None
+    key: str
+    nearest: Nearest | None
 
 
 def valid_user(value: str) -> bool:
@@ -141,6 +154,7 @@ class Proxy:
         run_in_thread: Callable[..., Deferred[Any]] = lambda f, *args: maybeDeferred(f, *args),
         load_encodings: Callable[[], Deferred[None]] = lambda: succeed(None),
         on_count_difference: Callable[[int], None] = lambda difference: None,
+        on_replay_miss: Callable[[ReplayMiss], None] = lambda miss: None,
     ) -> None:
         self.settings = settings
         self.http = http
@@ -155,6 +169,7 @@ class Proxy:
         self.run_in_thread = run_in_thread
         self.load_encodings = load_encodings
         self.on_count_difference = on_count_difference
+        self.on_replay_miss = on_replay_miss
         #: Requests not answered yet: their Deferreds (see :meth:`handle`), and
         #: their calls by id (``/api/inflight``).
         self.in_flight: set[Deferred[Any]] = set()
@@ -258,7 +273,7 @@ class Proxy:
     def _relay(self, call: Call, request: IRequest) -> Deferred[None]:
         """Answer from the upstream: a new flight, or one already in the air for the same request."""
         if call.replay:
-            raise errors.cache_miss(call.key)
+            return self._replay_miss(call)
         flight = self.joinable_flight(call)
         if flight is not None:
             call.cache = "HIT"
@@ -270,6 +285,23 @@ class Proxy:
                 counting = self.run_in_thread(estimate_prompt_tokens, enc, doc)
                 return counting.addCallback(lambda prompt: self._lead(call, request, prompt))
         return self._lead(call, request, None)
+
+    def _replay_miss(self, call: Call) -> Deferred[None]:
+        """Fail with a ``cache_miss`` that names the nearest recorded request and what differs."""
+        assert call.route is not None and call.key is not None and call.canonical is not None
+        path = call.subpath.decode("latin-1")
+
+        def explain(found: Nearest | None) -> None:
+            self.on_replay_miss(ReplayMiss(call.route.upstream.name, path, call.model, call.key, found))
+            raise errors.cache_miss(call.key, nearest=found)
+
+        def unexplained(failure: Failure) -> None:
+            failure.trap(Exception)
+            log.warn("could not look for the request nearest to a replay miss: {e}", e=failure.getErrorMessage())
+            explain(None)
+
+        looked = self.cache.nearest(call.route.upstream.name, path, call.read_scopes, call.canonical)
+        return looked.addCallbacks(explain, unexplained)
 
     def _lead(self, call: Call, request: IRequest, prompt: int | None) -> Deferred[None]:
         """Admit the request and start its own upstream call."""
@@ -402,7 +434,8 @@ class Proxy:
             return
         assert call.route is not None
         upstream = call.route.upstream
-        call.key = cache_key(upstream.name, call.subpath.decode("latin-1"), call.doc)
+        call.canonical = canonical_request(call.doc)
+        call.key = key_of(upstream.name, call.subpath.decode("latin-1"), call.canonical)
         credential = None
         if not upstream.has_key and not self.settings.tokens_required:
             credential = call.client_authorization
@@ -538,7 +571,7 @@ class Proxy:
             model=call.model, stream=stream, status=200, content_type=content_type, created=now, last_used=now,
             prompt_tokens=known.prompt_tokens, completion_tokens=known.completion_tokens,
             cached_tokens=known.cached_tokens, cost_usd=self.prices.cost(call.model or "", usage) if usage else None,
-        ), body)
+        ), body, call.canonical)
 
     def on_stream_counted(self, call: Call, upstream_completion: int, counter: Any) -> None:
         """A stream came with the upstream's usage: how far our count of it was off."""

@@ -101,7 +101,7 @@ class FakeDB:
         name = fn.__name__
         if name == "_store_many_txn":
             sizes = []
-            for row, data in args[0]:  # rows in _COLUMNS order: key, scope first
+            for row, data, _request in args[0]:  # rows in _COLUMNS order: key, scope first
                 self.bodies[(row[0], row[1])] = data
                 sizes.append(len(data))
             return succeed(sizes)
@@ -370,6 +370,25 @@ async def test_replay_mode_never_calls_the_upstream(start_proxy, http, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replay_miss_names_the_nearest_recorded_request_and_what_differs(start_proxy, http):
+    proxy = await start_proxy()
+    url = proxy.v1 + "/chat/completions"
+    other = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Something else entirely"}], "seed": 9}
+    for body in (CHAT, other):
+        await post_json(http, url, body)
+    changed = dict(CHAT, messages=[{"role": "user", "content": "Say goodbye"}])
+    response, body = await post_json(http, url, changed, {"x-greyfox-mode": "replay"})  # stores may still be queued
+    error = json.loads(body)["error"]
+    assert response.code == 404 and error["type"] == "cache_miss"
+    assert error["nearest_key"] == cache_key("openai", "/chat/completions", CHAT)
+    assert error["differs_at"] == ["messages[0].content"]
+    assert 'messages[0].content: "Say hello" → "Say goodbye"' in error["message"]
+    await stored(proxy, 2)
+    response, body = await post_json(http, url, dict(CHAT, temperature=0.5), {"x-greyfox-mode": "replay"})
+    assert json.loads(body)["error"]["differs_at"] == ["temperature"]  # read back from the database this time
+
+
+@pytest_twisted.ensureDeferred
 async def test_pass_through_credentials_never_share_entries(start_proxy, http):
     proxy = await start_proxy(OPENAI_API_KEY="")  # no key of our own: clients' keys pass through
     url = proxy.v1 + "/chat/completions"
@@ -426,6 +445,69 @@ async def test_cassette_export_import_replays_every_entry(start_proxy, http, tmp
         response, data = await post_json(http, replay.v1 + path, body)
         assert response.code == 200, data
     assert len(replay.upstream.received) == seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cassette_is_sorted_by_key_and_keeps_each_canonical_request(start_proxy, http, tmp_path):
+    db = str(tmp_path / "source.db")
+    proxy = await start_proxy(db=db)
+    bodies = [dict(CHAT, seed=i) for i in range(4)] + [dict(CHAT, stream=True, stream_options={"include_usage": True})]
+    for body in bodies:
+        await post_json(http, proxy.v1 + "/chat/completions", body)
+    await stored(proxy, 5)
+    await proxy.stop()
+    cassette = tmp_path / "c.jsonl"
+    assert cli(["--db", db, "cache", "export", str(cassette)]) == 0
+    docs = [json.loads(line) for line in cassette.read_text().splitlines()]
+    assert [d["key"] for d in docs] == sorted(d["key"] for d in docs)
+    requests = sorted((d["request"] for d in docs), key=lambda r: json.dumps(r, sort_keys=True))
+    sent = [{k: v for k, v in b.items() if k != "stream_options"} for b in bodies]  # (stream_options is not in the key)
+    assert requests == sorted(sent, key=lambda r: json.dumps(r, sort_keys=True))
+    again = tmp_path / "again.jsonl"
+    target = str(tmp_path / "t.db")
+    assert cli(["--db", target, "cache", "import", str(cassette)]) == 0
+    assert cli(["--db", target, "cache", "export", str(again)]) == 0
+    assert again.read_text() == cassette.read_text()  # a round trip changes no byte
+
+
+def test_a_cassette_request_that_does_not_match_its_key_is_refused(tmp_path, capsys):
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"version": 1, "key": cache_key("openai", "/chat/completions", request), "upstream": "openai",
+            "path": "/chat/completions", "model": "m", "stream": False, "status": 200,
+            "content_type": "application/json", "created": 1.0, "usage": {}, "cost_usd": None, "body": "{}",
+            "request": request}
+    cassette = tmp_path / "c.jsonl"
+    old_style = {k: v for k, v in line.items() if k != "request"}
+    cassette.write_text(json.dumps(line) + "\n" + json.dumps(dict(old_style, key="b" * 64)) + "\n")
+    db = str(tmp_path / "t.db")
+    assert cli(["--db", db, "cache", "import", str(cassette)]) == 0  # cassettes without requests still import
+    edited = dict(line, request=dict(request, messages=[{"role": "user", "content": "hello"}]))
+    cassette.write_text(json.dumps(edited) + "\n")
+    assert cli(["--db", db, "cache", "import", str(cassette)]) == 1
+    assert "line 1: key does not match the request" in capsys.readouterr().err
+
+
+def test_entries_stored_before_requests_were_kept_survive_the_migration(tmp_path):
+    import sqlite3
+
+    from greyfox import _store
+
+    db = str(tmp_path / "old.db")
+    conn = sqlite3.connect(db)
+    for version, statements in enumerate(_store.MIGRATIONS[:3]):
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=3")
+    conn.execute("INSERT INTO cache VALUES (?, 'shared', 'openai', '/chat/completions', 'm', 0, 200, "
+                 "'application/json', 1, 1, 3, 1, 1, 0, NULL, ?)", ("c" * 64, pack_body(b"{}")))
+    conn.commit()
+    conn.close()
+    conn = _store.open_database(db)
+    assert conn.execute("SELECT key, request FROM cache").fetchall() == [("c" * 64, None)]
+    conn.close()
+    cassette = tmp_path / "c.jsonl"
+    assert cli(["--db", db, "cache", "export", str(cassette)]) == 0
+    assert "request" not in json.loads(cassette.read_text())
 
 
 def test_corrupted_cassette_line_is_rejected_with_its_number(tmp_path, capsys):

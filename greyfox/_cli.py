@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_cache -*-
-"""``greyfox cache export FILE`` / ``greyfox cache import FILE``: cassettes for CI.
+"""``greyfox cache export|import FILE`` (cassettes) and ``greyfox ci -- CMD`` (see :mod:`greyfox._ci`).
 
 A team records answers locally, exports them as JSON Lines (no credentials),
 commits the file, and CI imports it and runs with ``GREYFOX_MODE=replay``.
@@ -15,8 +15,21 @@ import sys
 from typing import Sequence
 
 from ._cache import CassetteError, export_lines, import_lines
+from ._ci import CiOptions, run as run_ci
+from ._cisummary import CI_MODES
 from ._config import ConfigError, load_settings
 from ._store import open_database
+
+
+#: Where ``greyfox ci`` reads and records answers unless told.
+DEFAULT_CASSETTE = "greyfox.cassette.jsonl"
+
+
+def _budget(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of dollars >= 0")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +44,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="also export answers bought with a client's own credential (written as shared entries)")
     imp = cache.add_parser("import", help="read a cassette into the cache (all lines or none)")
     imp.add_argument("file")
+    ci = commands.add_parser(
+        "ci", help="run a test command against recorded answers: greyfox ci [options] -- CMD [ARGS...]",
+        description="Runs CMD with OPENAI_BASE_URL and ANTHROPIC_BASE_URL on a GreyFox that answers from the "
+                    "cassette, then prints what it cost and saved. Exit status: the command's own when it fails; "
+                    "1 for misses in replay mode or an exceeded budget; 2 when ci itself cannot run.")
+    ci.add_argument("--cassette", default=DEFAULT_CASSETTE, help=f"JSON Lines cassette (default: {DEFAULT_CASSETTE})")
+    ci.add_argument("--mode", choices=CI_MODES, default="replay",
+                    help="replay: never call an upstream (default); record-missing: record what the cassette "
+                         "lacks; record: record every answer again")
+    ci.add_argument("--budget-usd", type=_budget, help="fail the run when its recorded spend exceeds this")
+    ci.add_argument("--report", help="also write the summary as Markdown to this file")
+    ci.add_argument("run", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     args = parser.parse_args(argv)
+    if args.command == "ci":
+        command = args.run[1:] if args.run[:1] == ["--"] else args.run
+        if not command:
+            ci.error("give the command to run after --")
+        return run_ci(CiOptions(command, args.cassette, args.mode, args.budget_usd, args.report, args.config))
 
     try:
         settings = load_settings({"db": args.db, "config": args.config})

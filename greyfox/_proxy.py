@@ -114,10 +114,11 @@ class Call:
 class ReplayMiss:
     """A request replay mode could not answer, and the recorded request nearest to it."""
 
-    upstream: str
+    upstream: str | None
     path: str
     model: str | None
-    key: str
+    #: ``None`` for a request that is never cached (not a JSON endpoint).
+    key: str | None
     nearest: Nearest | None
 
 
@@ -430,6 +431,8 @@ class Proxy:
         if not cacheable or mode == "passthrough":
             call.cache = "BYPASS"
             if call.replay and not cacheable:
+                self.on_replay_miss(ReplayMiss(call.route.upstream.name if call.route else None,
+                                               call.subpath.decode("latin-1"), call.model, None, None))
                 raise errors.cache_miss(None, "only the JSON endpoints are cached")
             return
         assert call.route is not None

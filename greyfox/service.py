@@ -140,8 +140,12 @@ class GreyFoxService(MultiService):
     path stops the start before anything listens.
     """
 
-    def __init__(self, settings: Settings, reactor: Any = None) -> None:
+    def __init__(self, settings: Settings, reactor: Any = None, on_row: Callable[[Any], None] | None = None,
+                 on_replay_miss: Callable[[Any], None] | None = None) -> None:
+        """:param on_row: told every ledger row as it is queued (``greyfox ci`` sums them).
+        :param on_replay_miss: told every request replay mode could not answer."""
         super().__init__()
+        self._on_row = on_row
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -193,6 +197,7 @@ class GreyFoxService(MultiService):
             run_in_thread=lambda f, *args: in_thread(reactor, f, *args),
             load_encodings=self.encodings.when_loaded,
             on_count_difference=self.metrics.count_difference,
+            **({"on_replay_miss": on_replay_miss} if on_replay_miss is not None else {}),
         )
         self.cache_stats = state.cache_stats
         self.api = Api(settings, self.ledger, self.dbpool.runInteraction, reactor.seconds, reactor.seconds(),
@@ -220,6 +225,8 @@ class GreyFoxService(MultiService):
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)
         self.cache_stats.observe(row.cache, row.saved_tokens, row.saved_usd)
+        if self._on_row is not None:
+            self._on_row(row)
 
     def startService(self) -> None:
         s = self.settings

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import zlib
 from collections import OrderedDict
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 import attr
@@ -374,10 +375,11 @@ class Cache:
         (canonical JSON), and what differs; read and compared in the read pool's thread.
         Only the :data:`NEAREST_CANDIDATES` most recently used entries are compared."""
         readable = set(scopes)
-        candidates = [
-            (e.key, e.scope) for e in reversed(self._index.values())
-            if e.upstream == upstream and e.path == path and e.scope in readable
-        ][:NEAREST_CANDIDATES]
+        candidates = list(islice(
+            ((e.key, e.scope) for e in reversed(self._index.values())
+             if e.upstream == upstream and e.path == path and e.scope in readable),
+            NEAREST_CANDIDATES,
+        ))
         waiting = {(e.key, e.scope): r for e, _, r in self._writes if r is not None}  # not in the database yet
         return self._read(_nearest_txn, candidates, waiting, request)
 

@@ -160,17 +160,20 @@ def _run(options: CiOptions, environ: dict[str, str], scratch: str) -> int:
 
     recorded = 0
     if options.mode != "replay":
-        recorded = _write_cassette(options, old, db)
+        try:
+            recorded = _write_cassette(options, old, db)
+        except OSError as e:
+            raise CannotRun(f"{options.cassette}: cannot write the cassette: {e}") from None
     summary = _cisummary.summarize(options.mode, options.cassette, rows, len(misses), options.budget_usd, recorded)
     sys.stderr.write(_cisummary.text(summary, misses))
     report = _cisummary.markdown(summary, misses)
-    if options.report:
-        with open(options.report, "w", encoding="utf-8") as f:
-            f.write(report)
-    step_summary = environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as f:
-            f.write(report + "\n")
+    for path, how, text in ((options.report, "w", report), (environ.get("GITHUB_STEP_SUMMARY"), "a", report + "\n")):
+        if path:
+            try:
+                with open(path, how, encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as e:
+                raise CannotRun(f"{path}: cannot write the summary: {e}") from None
     return _cisummary.exit_status(outcome["status"], summary)
 
 

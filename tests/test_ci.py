@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,42 @@ def test_merging_a_cassette_keeps_old_lines_or_replaces_fetched_ones():
     fetched = {"a": "new a", "c": "new c"}
     assert merge_cassette(old, fetched, "record-missing") == ["old a", "old b", "new c"]
     assert merge_cassette(old, fetched, "record") == ["new a", "old b", "new c"]
+
+
+def test_sigterm_reaches_the_command_and_a_signal_death_is_128_plus_n(tmp_path):
+    (tmp_path / "c.jsonl").write_text("")
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(7)))\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    ci = subprocess.Popen([sys.executable, "-m", "greyfox", "ci", "--cassette", "c.jsonl", "--", sys.executable,
+                           "-c", child], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert ci.stdout.readline() == "ready\n"
+        ci.send_signal(signal.SIGINT)  # (ignored: a terminal's Ctrl-C reaches the command itself)
+        ci.send_signal(signal.SIGTERM)
+        out, err = ci.communicate(timeout=60)
+    finally:
+        ci.kill()
+    assert out == "got TERM\n" and ci.returncode == 7, err
+    done = subprocess.run([sys.executable, "-m", "greyfox", "ci", "--cassette", "c.jsonl", "--", sys.executable,
+                           "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGKILL
+
+
+def test_ctrl_c_in_a_terminal_stops_the_command_and_greyfox_reports_its_end(tmp_path):
+    """A terminal sends SIGINT to the whole foreground process group."""
+    (tmp_path / "c.jsonl").write_text("")
+    child = "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    ci = subprocess.Popen([sys.executable, "-m", "greyfox", "ci", "--cassette", "c.jsonl", "--", sys.executable,
+                           "-c", child], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    try:
+        assert ci.stdout.readline() == "ready\n"
+        os.killpg(ci.pid, signal.SIGINT)
+        out, err = ci.communicate(timeout=60)
+    finally:
+        ci.kill()
+    assert "KeyboardInterrupt" in err and "greyfox ci (replay, c.jsonl): 0 requests" in err
+    assert ci.returncode == 128 + signal.SIGINT  # (Python dies of the signal after its traceback)

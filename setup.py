@@ -16,7 +16,7 @@ setup(
     packages=["greyfox", "greyfox.web", "twisted.plugins"],
     package_dir={"greyfox.web": "web"},
     package_data={
-        "greyfox": ["data/*.gz", "data/*.json"],
+        "greyfox": ["data/*.gz"],
         "greyfox.web": ["*.html", "*.js", "*.css", "*.svg"],
     },
     install_requires=[
@@ -27,6 +27,7 @@ setup(
         "attrs>=23.1",
         "regex>=2023.0",
         "prometheus_client>=0.20",
+        "genai-prices>=0.2.3",  # the price database: maintained, offline, historic and per-provider rates
     ],
     extras_require={
         "test": [
@@ -35,6 +36,7 @@ setup(
             "pytest-timeout>=2.3",  # a Deferred that never fires fails its test, with every thread's stack
             "hypothesis>=6.100",
             "openai>=1.40",
+            "anthropic>=0.40",
             "playwright>=1.40",
         ],
     },

@@ -37,10 +37,15 @@ MAX_ENTRY_BYTES = 8 * 1024 * 1024
 #: Decompressed bodies kept in memory for instant hits.
 HOT_BYTES = 64 * 1024 * 1024
 CASSETTE_VERSION = 1
+#: A cassette entry's ``usage`` fields (any may be left out: 0).
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+#: Where a price came from (SPEC §5); ``None``: no price known.
+COST_SOURCES = (None, "upstream", "table", "config")
 
 _COLUMNS = (
     "key", "scope", "upstream", "path", "model", "stream", "status", "content_type",
     "created", "last_used", "size", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+    "cache_write_tokens", "reasoning_tokens", "cost_source",
 )
 #: An entry's values in column order, in one C call.
 _entry_values = operator.attrgetter(*_COLUMNS)
@@ -65,6 +70,9 @@ class CacheEntry:
     completion_tokens: int = 0
     cached_tokens: int = 0
     cost_usd: float | None = None
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_source: str | None = None
 
     @property
     def id(self) -> str:
@@ -72,7 +80,8 @@ class CacheEntry:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.cache_write_tokens,
+                     self.reasoning_tokens, self.cost_usd if self.cost_source == "upstream" else None)
 
     def row(self) -> tuple[Any, ...]:
         return _entry_values(self)
@@ -459,11 +468,12 @@ def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Ite
     for row in conn.execute(
         f"SELECT {', '.join(_COLUMNS)}, body, request FROM cache {where} ORDER BY key, scope = 'shared' DESC, scope"
     ):
-        entry = CacheEntry(*row[:5], bool(row[5]), *row[6:15])
+        n = len(_COLUMNS)
+        entry = CacheEntry(*row[:5], bool(row[5]), *row[6:n])
         if entry.key == last_key:
             continue
         last_key = entry.key
-        data = unpack_body(row[15])
+        data, request = unpack_body(row[n]), row[n + 1]
         doc: dict[str, Any] = {
             "version": CASSETTE_VERSION,
             "key": entry.key,
@@ -474,12 +484,12 @@ def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Ite
             "status": entry.status,
             "content_type": entry.content_type,
             "created": entry.created,
-            "usage": {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens,
-                      "cached_tokens": entry.cached_tokens},
+            "usage": {k: getattr(entry, k) for k in USAGE_FIELDS},
             "cost_usd": entry.cost_usd,
+            "cost_source": entry.cost_source,
         }
-        if row[16] is not None:
-            doc["request"] = json.loads(unpack_body(row[16]))
+        if request is not None:
+            doc["request"] = json.loads(unpack_body(request))
         try:
             doc["body"] = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -513,10 +523,13 @@ def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes, bytes | None
     need(isinstance(doc.get("created"), (int, float)), "created must be a number")
     usage = doc.get("usage")
     need(isinstance(usage, dict), "usage must be an object")
-    counts = [usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "cached_tokens")]
-    need(all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts), "usage counts must be whole numbers")
+    counts = {k: usage.get(k, 0) for k in USAGE_FIELDS}
+    need(all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in counts.values()),
+         "usage counts must be whole numbers")
     cost = doc.get("cost_usd")
     need(cost is None or (isinstance(cost, (int, float)) and cost >= 0), "cost_usd must be a number or null")
+    source = doc.get("cost_source")
+    need(source in COST_SOURCES, f"cost_source must be one of {', '.join(map(str, COST_SOURCES))}")
     if isinstance(doc.get("body"), str):
         data = doc["body"].encode("utf-8")
     elif isinstance(doc.get("body_b64"), str):
@@ -535,7 +548,7 @@ def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes, bytes | None
              "key does not match the request (a changed request needs recording again)")
     entry = CacheEntry(
         key, SHARED, doc["upstream"], doc["path"], doc.get("model"), doc["stream"], 200, doc["content_type"],
-        float(doc["created"]), float(doc["created"]), 0, *counts, cost,
+        float(doc["created"]), float(doc["created"]), 0, cost_usd=cost, cost_source=source, **counts,
     )
     return entry, data, request
 

@@ -34,6 +34,8 @@ class Upstream:
     api_key_env: str | None = None
     #: Ask for ``stream_options.include_usage`` on streams (off for servers that reject it).
     stream_usage: bool = True
+    #: The API it speaks: ``openai`` (chat completions and friends) or ``anthropic`` (Messages).
+    api: str = "openai"
 
     @property
     def has_key(self) -> bool:
@@ -144,12 +146,15 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("default_max_tokens", "GREYFOX_DEFAULT_MAX_TOKENS", _int, 4096, "completion tokens assumed when a request sets no max_tokens"),
 )
 
-# Built-in upstreams: name -> (key env, base URL env, default base URL).
-BUILTIN_UPSTREAMS: tuple[tuple[str, str, str, str], ...] = (
-    ("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
-    ("deepseek", "DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "https://api.deepseek.com/v1"),
-    ("openrouter", "OPENROUTER_API_KEY", "OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1"),
+# Built-in upstreams: name -> (key env, base URL env, default base URL, API).
+BUILTIN_UPSTREAMS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1", "openai"),
+    ("deepseek", "DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "https://api.deepseek.com/v1", "openai"),
+    ("openrouter", "OPENROUTER_API_KEY", "OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1", "openai"),
+    # The Anthropic SDK's base URL has no /v1: the API's paths start with it.
+    ("anthropic", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "https://api.anthropic.com", "anthropic"),
 )
+APIS = ("openai", "anthropic")
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -311,14 +316,14 @@ def _upstreams(file_values: Mapping[str, Any], environ: Mapping[str, str], path:
     if not isinstance(declared, dict):
         raise ConfigError(f"upstreams in {path}: must be a table of [upstreams.NAME]")
     result: dict[str, Upstream] = {}
-    for name, key_env, url_env, default_url in BUILTIN_UPSTREAMS:
+    for name, key_env, url_env, default_url, api in BUILTIN_UPSTREAMS:
         table = declared.get(name, {})
         key_env = str(table.get("api_key_env", key_env))
         if url_env in environ:
             url = _check_url(environ[url_env], url_env)
         else:
             url = _check_url(str(table.get("base_url", default_url)), f"upstreams.{name}.base_url in {path}")
-        result[name] = Upstream(name, url, environ.get(key_env) or None, key_env, _flag(table, "stream_usage", name, path))
+        result[name] = Upstream(name, url, environ.get(key_env) or None, key_env, _flag(table, "stream_usage", name, path), api)
     for name, table in declared.items():
         if name in result:
             continue
@@ -330,8 +335,11 @@ def _upstreams(file_values: Mapping[str, Any], environ: Mapping[str, str], path:
         url = _check_url(str(table["base_url"]), f"{where} base_url")
         key_env = table.get("api_key_env")
         key = environ.get(str(key_env)) if key_env else None
+        api = table.get("api", "openai")
+        if api not in APIS:
+            raise ConfigError(f"{where}: api must be one of {', '.join(APIS)}")
         result[name] = Upstream(
-            name, url, key or None, str(key_env) if key_env else None, _flag(table, "stream_usage", name, path)
+            name, url, key or None, str(key_env) if key_env else None, _flag(table, "stream_usage", name, path), api
         )
     return result
 
@@ -350,9 +358,9 @@ def _prices(table: Any, path: str | None) -> dict[str, dict[str, float]]:
     for model, row in table.items():
         where = f"prices.{model} in {path}"
         if not isinstance(row, dict):
-            raise ConfigError(f"{where}: must be a table with input, output, cached_input")
+            raise ConfigError(f"{where}: must be a table with input, output, cached_input, cache_write")
         parsed = {}
-        for field in ("input", "output", "cached_input"):
+        for field in ("input", "output", "cached_input", "cache_write"):
             if field in row:
                 try:
                     parsed[field] = _float(row[field])

@@ -38,6 +38,40 @@ class ApiError(Exception):
     def to_bytes(self) -> bytes:
         return json.dumps(self.body()).encode("utf-8")
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """The same error as the Anthropic API shapes its own (SPEC §2): the
+        code (``cache_miss``, ``daily_budget``, ...) starts the message, which
+        also names a replay miss's key."""
+        message = self.message
+        if self.code in _NAMED_CODES:
+            message = f"{self.code}: {message}"
+        key = dict(self.extra).get("key")
+        if key:
+            message += f" (key {key})"
+        return {"type": "error", "error": {"type": anthropic_type(self.status), "message": message}}
+
+    def to_anthropic_bytes(self) -> bytes:
+        return json.dumps(self.anthropic_body()).encode("utf-8")
+
+
+#: Codes a client needs to tell apart, named at the start of an Anthropic-shaped message.
+_NAMED_CODES = frozenset({"cache_miss", "daily_token_limit", "daily_budget", "rate_limit", "runaway_loop"})
+
+
+def anthropic_type(status: int) -> str:
+    """The Anthropic error type of an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status == 529:
+        return "overloaded_error"
+    return "invalid_request_error" if status < 500 else "api_error"
+
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", code, param)

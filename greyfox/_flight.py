@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Callable
 
+import attr
+
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -196,7 +198,7 @@ class Flight:
                     call.status = 502
             if self._meter is not None and self.fanout is not None and not complete:
                 self.fanout.send_last(error_event(f"The upstream's answer broke off: {error}.", "upstream_error",
-                                                  "upstream_broke_off"))
+                                                  "upstream_broke_off", self.leader.api))
         self._finish(Failure(BrokenOff(error)) if broken else None, error)
 
     def _crashed(self, failure: Failure) -> None:
@@ -235,7 +237,7 @@ class Flight:
             if usage is not None:
                 self.usage, self.usage_source = usage, "upstream"
                 return
-        if leader.doc is None or code >= 400:
+        if leader.doc is None or code >= 400 or leader.free:
             return
         enc = proxy.encoding_for(leader.model or "")
         if enc is not None:
@@ -278,7 +280,11 @@ class Flight:
         if counter is None and text_tokens == 0 and self.leader.subpath != b"/embeddings":
             return  # nothing generated: no usage to estimate (an embedding's is all prompt)
         completion = text_tokens + (counter.total if counter is not None else 0)
-        self.usage = Usage(prompt if prompt is not None else counted_prompt or 0, completion)
+        started = self._meter.started_usage if self._meter is not None else None
+        if started is not None:  # a Messages stream that ended early: its prompt is the upstream's word
+            self.usage = attr.evolve(started, completion_tokens=completion, reasoning_tokens=0)
+        else:
+            self.usage = Usage(prompt if prompt is not None else counted_prompt or 0, completion)
         self.usage_source = "estimated"
 
     def _count_failed(self, failure: Failure) -> None:
@@ -333,7 +339,7 @@ class Flight:
         assert self.fanout is not None and self._pump is not None
         log.info("request {id}: stream cut off at {tokens} completion tokens ({code})",
                  id=self.leader.id, tokens=self.tokens, code=code)
-        self.fanout.send_last(cut_off_event(code, self.leader.user))
+        self.fanout.send_last(cut_off_event(code, self.leader.user, self.leader.api))
         self._pump.abort(CutOff(code))
 
     def _all_left(self) -> None:
@@ -457,16 +463,28 @@ def _feed_completion_text(counter: IncrementalCounter, doc: Any) -> None:
             message = choice.get("message")
             if isinstance(message, dict) and isinstance(message.get("content"), str):
                 counter.feed(message["content"])
+    if isinstance(doc, dict) and doc.get("type") == "message" and isinstance(doc.get("content"), list):  # Messages API
+        for block in doc["content"]:
+            if isinstance(block, dict):
+                for key in ("text", "thinking"):
+                    if isinstance(block.get(key), str):
+                        counter.feed(block[key])
 
 
-def cut_off_event(code: str, user: str) -> bytes:
+def cut_off_event(code: str, user: str, api: str = "openai") -> bytes:
     """The SSE event that ends a stream cut off at a limit."""
     what = {"daily_token_limit": f"User {user!r} reached the daily token limit",
             "daily_budget": "The day reached the daily budget"}.get(code, "A limit was reached")
-    return error_event(f"{what} during this stream; GreyFox ended it here.", "quota_exceeded", code)
+    return error_event(f"{what} during this stream; GreyFox ended it here.", "quota_exceeded", code, api, 429)
 
 
-def error_event(message: str, kind: str, code: str) -> bytes:
-    """An SSE event with an OpenAI-shaped error: how GreyFox ends a stream early."""
+def error_event(message: str, kind: str, code: str, api: str = "openai", status: int = 502) -> bytes:
+    """The SSE event with which GreyFox ends a stream early: an OpenAI-shaped
+    error, or for the Messages API an ``error`` event shaped as Anthropic's
+    (its type that of ``status``, the code starting the message)."""
+    if api == "anthropic":
+        error = ApiError(status, message, kind, code).anthropic_body()
+        error["error"]["message"] = f"{code}: {message}"
+        return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
     error = {"message": message, "type": kind, "code": code, "param": None}
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

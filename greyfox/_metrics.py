@@ -51,6 +51,10 @@ class Metrics:
         if row.cache != "HIT":
             self.tokens[(upstream, "prompt")] += row.prompt_tokens
             self.tokens[(upstream, "completion")] += row.completion_tokens
+            # details, each already counted in prompt or completion above
+            self.tokens[(upstream, "cached")] += row.cached_tokens
+            self.tokens[(upstream, "cache_write")] += row.cache_write_tokens
+            self.tokens[(upstream, "reasoning")] += row.reasoning_tokens
             if row.cost_usd:
                 self.cost[upstream] += row.cost_usd
         self.saved_tokens += row.saved_tokens

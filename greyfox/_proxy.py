@@ -43,13 +43,20 @@ from ._usage import Usage
 
 log = Logger()
 
-#: Endpoints whose body must be JSON with a model.
-JSON_ENDPOINTS = frozenset({b"/chat/completions", b"/completions", b"/embeddings", b"/responses"})
+#: The Anthropic Messages API's paths (after ``/v1``): routed to an ``anthropic`` upstream,
+#: answered with Anthropic-shaped errors.
+MESSAGES_PATHS = frozenset({b"/messages", b"/messages/count_tokens"})
+#: Endpoints whose body must be JSON with a model (and whose answers are cached).
+JSON_ENDPOINTS = frozenset({b"/chat/completions", b"/completions", b"/embeddings", b"/responses"}) | MESSAGES_PATHS
+#: Endpoints that cost nothing: no tokens reserved, no loop counted.
+FREE_ENDPOINTS = frozenset({b"/messages/count_tokens"})
 #: Streams for which GreyFox asks the upstream for a usage chunk.
 USAGE_CHUNK_ENDPOINTS = frozenset({b"/chat/completions", b"/completions"})
 MAX_USER_ID = 128
 #: The methods the OpenAI and Anthropic APIs use; any other (TRACE, CONNECT, ...) is refused, never relayed.
 RELAYED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+#: Sent to an Anthropic upstream when the client names no version.
+ANTHROPIC_VERSION = b"2023-06-01"
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -66,7 +73,10 @@ class Call:
     doc: dict[str, Any] | None = None
     stream: bool = False
     route: Route | None = None
-    client_authorization: bytes | None = None
+    #: The API the client speaks (by path): ``openai``, or ``anthropic`` for the Messages API.
+    api: str = "openai"
+    #: The client's own credential header, ``(name, value)``: passed through to an upstream without a key.
+    client_credential: tuple[bytes, bytes] | None = None
     strip_usage_chunk: bool = False
     status: int = 0
     usage: Usage | None = None
@@ -97,6 +107,11 @@ class Call:
     @property
     def endpoint(self) -> str:
         return "/v1" + self.subpath.decode("latin-1")
+
+    @property
+    def free(self) -> bool:
+        """Whether the endpoint costs nothing (``count_tokens``): no tokens reserved, counted or looped on."""
+        return self.subpath in FREE_ENDPOINTS
 
     @property
     def asks_for_usage(self) -> bool:
@@ -197,6 +212,8 @@ class Proxy:
             subpath=subpath,
             query=request.uri.partition(b"?")[2],
         )
+        if subpath in MESSAGES_PATHS:
+            call.api = "anthropic"
         try:
             outcome = self._begin(call, request)
         except ApiError as e:
@@ -333,8 +350,13 @@ class Proxy:
             raise errors.bad_request(f"Invalid path /v1{call.subpath.decode('latin-1')}: {problem}.", "invalid_path")
         headers = call.headers = _fields_of(request)
         call.forward_headers = forwarded_fields(headers)
-        call.client_authorization = first_value(headers, b"authorization")
-        token_user = self.authenticate(bearer(call.client_authorization))
+        authorization = first_value(headers, b"authorization")
+        api_key = first_value(headers, b"x-api-key") if call.api == "anthropic" else None
+        if api_key is not None:  # (the Anthropic SDK's header; Claude Code may send a bearer token instead)
+            call.client_credential = (b"x-api-key", api_key)
+        elif authorization is not None:
+            call.client_credential = (b"Authorization", authorization)
+        token_user = self.authenticate(api_key if api_key is not None else bearer(authorization))
         user = first_value(headers, b"x-app-user-id")
         if token_user is not None:  # a user's own token: that user, whatever the header says
             call.user = token_user
@@ -401,7 +423,8 @@ class Proxy:
         """Pick the upstream; rewrite the body for it (prefix removed, usage asked for)."""
         s = self.settings
         doc = call.doc
-        call.route = resolve(call.model, s.upstreams, s.default_upstream)  # (parse set it from the body)
+        default = s.default_upstream if call.api == "openai" else "anthropic"
+        call.route = resolve(call.model, s.upstreams, default, call.api)  # (parse set it from the body)
         call.model = call.route.model
         if doc is None:
             return
@@ -416,6 +439,9 @@ class Proxy:
                 doc = dict(doc, stream_options=dict(options, include_usage=True))
                 call.strip_usage_chunk = True
                 changed = True
+        if call.route.upstream.name == "openrouter" and "usage" not in doc and call.subpath in USAGE_CHUNK_ENDPOINTS:
+            doc = dict(doc, usage={"include": True})  # OpenRouter's usage accounting: its own cost in the usage
+            changed = True
         if changed:
             call.doc = doc
             call.body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -441,7 +467,7 @@ class Proxy:
         call.key = key_of(upstream.name, call.subpath.decode("latin-1"), call.canonical)
         credential = None
         if not upstream.has_key and not self.settings.tokens_required:
-            credential = call.client_authorization
+            credential = call.client_credential[1] if call.client_credential is not None else None
         if credential:
             call.write_scope = credential_scope(self.secret, credential)
             call.read_scopes = (call.write_scope, SHARED)
@@ -503,7 +529,7 @@ class Proxy:
         user, now = call.user, self.clock.seconds()
         tokens, usd, fingerprint = 0, 0.0, None
         doc = call.doc
-        if doc is not None:
+        if doc is not None and not call.free:
             fingerprint = conversation_fingerprint(call.model, doc)
             if quotas.counts_tokens(user):
                 if prompt is None:
@@ -512,7 +538,7 @@ class Proxy:
                 completion = _max_output(doc, call.subpath, self.settings.default_max_tokens)
                 tokens = prompt + completion
                 if quotas.daily_budget_usd:  # (dollars are reserved only against a budget)
-                    usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
+                    usd = self._price(call, Usage(prompt, completion))[0] or 0.0
         try:
             call.reservation = quotas.admit(user, tokens, usd, fingerprint, now)
         except Refused as r:
@@ -559,7 +585,7 @@ class Proxy:
         prompt = call.prompt_estimate or 0
         usd = 0.0
         if self.quotas.daily_budget_usd:
-            usd = self.prices.cost(call.model or "", Usage(prompt, completion)) or 0.0
+            usd = self._price(call, Usage(prompt, completion))[0] or 0.0
         return self.quotas.overrun(call.reservation, prompt + completion, usd)
 
     def store_answer(self, call: Call, entry_id: str, stream: bool, content_type: str, body: bytes,
@@ -569,12 +595,19 @@ class Proxy:
         scope, _, key = entry_id.partition(":")
         now = self.clock.seconds()
         known = usage or Usage()
+        cost, source = self._price(call, usage) if usage else (None, None)
         self.cache.store(CacheEntry(
             key=key, scope=scope, upstream=call.route.upstream.name, path=call.subpath.decode("latin-1"),
             model=call.model, stream=stream, status=200, content_type=content_type, created=now, last_used=now,
             prompt_tokens=known.prompt_tokens, completion_tokens=known.completion_tokens,
-            cached_tokens=known.cached_tokens, cost_usd=self.prices.cost(call.model or "", usage) if usage else None,
+            cached_tokens=known.cached_tokens, cost_usd=cost, cache_write_tokens=known.cache_write_tokens,
+            reasoning_tokens=known.reasoning_tokens, cost_source=source,
         ), body, call.canonical)
+
+    def _price(self, call: Call, usage: Usage) -> tuple[float | None, str | None]:
+        """``(dollars, cost_source)`` of ``usage`` for the model and upstream of ``call``."""
+        upstream = call.route.upstream.name if call.route is not None else ""
+        return self.prices.priced(upstream, call.model or "", usage, call.started)
 
     def on_stream_counted(self, call: Call, upstream_completion: int, counter: Any) -> None:
         """A stream came with the upstream's usage: how far our count of it was off."""
@@ -616,9 +649,11 @@ class Proxy:
         assert call.route is not None
         upstream = call.route.upstream
         headers = Headers(dict(call.forward_headers))
-        auth = upstream_authorization(upstream, call.client_authorization, self.settings.tokens_required)
+        auth = upstream_authorization(upstream, call.client_credential, self.settings.tokens_required)
         if auth is not None:
-            headers.setRawHeaders(b"Authorization", [auth])
+            headers.setRawHeaders(auth[0], [auth[1]])
+        if upstream.api == "anthropic" and not headers.hasHeader(b"anthropic-version"):
+            headers.setRawHeaders(b"anthropic-version", [ANTHROPIC_VERSION])
         url = upstream_url(upstream, call.subpath, call.query)
         why: list[str] = []  # why it was cancelled, if it was: "timeout" or "cancelled"
 
@@ -664,7 +699,7 @@ class Proxy:
     def refuse(self, call: Call, request: IRequest, error: ApiError) -> bytes:
         """Answer with GreyFox's own OpenAI-shaped error."""
         call.error = error.message
-        body = error.to_bytes()
+        body = error.to_anthropic_bytes() if call.api == "anthropic" else error.to_bytes()
         request.responseHeaders.removeHeader(b"content-length")  # (the upstream's, if its headers were set)
         headers = [(b"Content-Type", [b"application/json"])]
         headers += [(name.encode("latin-1"), [value.encode("latin-1")]) for name, value in error.headers]
@@ -676,7 +711,7 @@ class Proxy:
         now = self.clock.seconds()
         usage = call.usage or Usage()
         model = call.model
-        cost: float | None = 0.0 if call.usage is None else self.prices.cost(model or "", usage)
+        cost, source = (0.0, None) if call.usage is None else self._price(call, usage)
         saved_tokens, saved_usd = 0, 0.0
         if call.cache == "HIT":
             saved_tokens, saved_usd, cost = usage.total_tokens, cost or 0.0, 0.0
@@ -696,8 +731,11 @@ class Proxy:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
             total_tokens=usage.total_tokens,
             cost_usd=cost,
+            cost_source=source,
             cache=call.cache,
             saved_tokens=saved_tokens,
             saved_usd=saved_usd,

@@ -87,6 +87,8 @@ def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> int:
             elif first_user is None and role == "user":
                 first_user = [m.get("content")]
                 break  # a system prompt comes first, if there is one
+        if system is None and "system" in body:  # the Messages API's, beside the messages
+            system = [body["system"]]
         parts += [system, first_user]
     else:
         parts.append(body.get("instructions"))

@@ -55,7 +55,7 @@ HOP_BY_HOP = frozenset(
 # Never sent upstream: GreyFox's own credential and controls, client cookies,
 # Accept-Encoding (the HTTP client asks for gzip and decodes it itself) and
 # Expect (twisted.web answered the client's 100-continue; the body is here).
-_NOT_FORWARDED = frozenset({b"authorization", b"cookie", b"accept-encoding", b"x-app-user-id", b"expect"})
+_NOT_FORWARDED = frozenset({b"authorization", b"x-api-key", b"cookie", b"accept-encoding", b"x-app-user-id", b"expect"})
 
 # Never relayed back: an upstream's cookies are not the client's business.
 _NOT_RELAYED = frozenset({b"set-cookie", b"set-cookie2"})
@@ -70,16 +70,18 @@ class Route:
     prefixed: bool = False
 
 
-def resolve(model: str | None, upstreams: Mapping[str, Upstream], default: str) -> Route:
+def resolve(model: str | None, upstreams: Mapping[str, Upstream], default: str, api: str = "openai") -> Route:
     """``deepseek/deepseek-chat`` -> (deepseek, ``deepseek-chat``); else the default upstream.
 
-    Only a known upstream name counts as a prefix, so ``anthropic/claude`` sent
-    to a default OpenRouter upstream keeps its slash.
+    Only the name of an upstream that speaks the request's ``api`` counts as a
+    prefix, so ``anthropic/claude-sonnet-4`` sent for chat completions to a
+    default OpenRouter upstream keeps its slash.
     """
     if model and "/" in model:
         prefix, _, rest = model.partition("/")
-        if prefix in upstreams and rest:
-            return Route(upstreams[prefix], rest, True)
+        upstream = upstreams.get(prefix)
+        if upstream is not None and upstream.api == api and rest:
+            return Route(upstream, rest, True)
     return Route(upstreams[default], model)
 
 
@@ -112,17 +114,20 @@ def returned_fields(fields: Fields) -> list[tuple[bytes, list[bytes]]]:
     return [field for lower, field in fields.items() if lower not in drop]
 
 
-def upstream_authorization(upstream: Upstream, client_authorization: bytes | None, client_token_set: bool) -> bytes | None:
-    """The ``Authorization`` to send upstream.
+def upstream_authorization(upstream: Upstream, client_credential: tuple[bytes, bytes] | None,
+                           client_token_set: bool) -> tuple[bytes, bytes] | None:
+    """The credential header to send upstream, as ``(name, value)``.
 
-    The upstream's own key when it has one; otherwise the client's header
+    The upstream's own key when it has one (``Authorization: Bearer``, or
+    ``x-api-key`` for the Anthropic API); otherwise the client's own header
     passes through, unless it is GreyFox's own client token.
     """
     if upstream.api_key:
-        return b"Bearer " + upstream.api_key.encode("latin-1")
+        key = upstream.api_key.encode("latin-1")
+        return (b"x-api-key", key) if upstream.api == "anthropic" else (b"Authorization", b"Bearer " + key)
     if client_token_set:
         return None
-    return client_authorization
+    return client_credential
 
 
 def path_problem(target: bytes) -> str | None:
@@ -146,8 +151,9 @@ def path_problem(target: bytes) -> str | None:
 
 
 def upstream_url(upstream: Upstream, subpath: bytes, query: bytes = b"") -> bytes:
-    """``base_url`` + the path after ``/v1`` (+ the query string), as sent on the wire."""
-    url = upstream.base_url.encode("ascii") + subpath
+    """``base_url`` + the path after ``/v1`` (+ the query string), as sent on the wire.
+    An Anthropic base URL has no ``/v1`` (as for the Anthropic SDK)."""
+    url = upstream.base_url.encode("ascii") + (b"/v1" if upstream.api == "anthropic" else b"") + subpath
     if query:
         url += b"?" + query
     return url

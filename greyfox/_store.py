@@ -88,6 +88,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # The canonical request of each entry (packed like the body; NULL for
     # entries stored before): a replay miss is explained by the nearest one.
     ("ALTER TABLE cache ADD COLUMN request BLOB",),
+    # Usage details (SPEC §5) and where each row's price came from; rows
+    # priced before are from the shipped table.
+    (
+        "ALTER TABLE ledger ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE ledger ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE ledger ADD COLUMN cost_source TEXT",
+        "UPDATE ledger SET cost_source = 'table' WHERE cost_usd IS NOT NULL AND total_tokens > 0",
+        "ALTER TABLE cache ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cache ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cache ADD COLUMN cost_source TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -277,8 +288,12 @@ class LedgerRow:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     total_tokens: int = 0
     cost_usd: float | None = 0.0
+    #: ``upstream``, ``table`` or ``config``; ``None`` when no price is known (or nothing was used).
+    cost_source: str | None = None
     cache: str = "NONE"
     saved_tokens: int = 0
     saved_usd: float = 0.0
@@ -301,7 +316,7 @@ _row_values = operator.attrgetter(*LEDGER_COLUMNS)
 #: SQLite's INTEGER range.
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 #: Columns that may hold NULL; any other takes its default when a value cannot be stored.
-_NULLABLE = frozenset({"upstream", "model", "cost_usd", "latency_ms", "ttfb_ms", "error"})
+_NULLABLE = frozenset({"upstream", "model", "cost_usd", "cost_source", "latency_ms", "ttfb_ms", "error"})
 _DEFAULTS = {a.name: a.default for a in attr.fields(LedgerRow) if a.default is not attr.NOTHING}
 
 
@@ -608,7 +623,10 @@ _SUMS = """
     SUM(CASE WHEN cache = 'HIT' THEN 1 ELSE 0 END),
     SUM(saved_tokens),
     SUM(saved_usd),
-    SUM(CASE WHEN cost_usd IS NULL AND cache != 'HIT' AND total_tokens > 0 THEN 1 ELSE 0 END)
+    SUM(CASE WHEN cost_usd IS NULL AND cache != 'HIT' AND total_tokens > 0 THEN 1 ELSE 0 END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE cached_tokens END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE cache_write_tokens END),
+    SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE reasoning_tokens END)
 """
 
 GROUPS = {"user": "user", "model": "model", "day": "day", "upstream": "upstream", "hour": None}
@@ -636,7 +654,7 @@ def usage_txn(
             key, sub, sums = record[0], record[1], record[2:]
         if group == "hour":
             key = _hour_label(key, utc_offset)
-        n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced = sums
+        n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced, cached, written, reasoning = sums
         row = {
             "key": key,
             "requests": n,
@@ -648,6 +666,9 @@ def usage_txn(
             "saved_tokens": saved_t or 0,
             "saved_usd": round(saved_usd or 0.0, 10),
             "unpriced_requests": unpriced or 0,
+            "cached_tokens": cached or 0,
+            "cache_write_tokens": written or 0,
+            "reasoning_tokens": reasoning or 0,
         }
         if split is not None:
             row["split"] = sub

@@ -272,6 +272,8 @@ def estimate_prompt_tokens(enc: Any | None, body: dict[str, Any], known: KnownCo
                             if isinstance(fn.get(key), str):
                                 total += count(enc, fn[key])
         total += 3
+    for text in _content_text(body.get("system")):  # the Messages API's system prompt
+        total += count(enc, text)
     for key in ("prompt", "input", "instructions"):
         value = body.get(key)
         if isinstance(value, str):

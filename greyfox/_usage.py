@@ -19,9 +19,20 @@ from ._tokens import IncrementalCounter
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class Usage:
+    """Tokens of one answer, details kept (SPEC §5).
+
+    ``prompt_tokens`` counts every input token, cached ones and, for the
+    Messages API, cache writes included; ``completion_tokens`` includes the
+    reasoning tokens.  ``cost_usd`` is the upstream's own figure, when it
+    reports one (OpenRouter).
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -32,27 +43,42 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _detail(details: Any, key: str) -> int:
+    return _int(details.get(key)) if isinstance(details, dict) else 0
+
+
+def _cost(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return float(value)
+    return None
+
+
 def parse_usage(usage: Any) -> Usage | None:
-    """Normalise a ``usage`` block of chat, completions, embeddings or responses."""
+    """Normalise a ``usage`` block of chat, completions, embeddings, responses or messages."""
     if not isinstance(usage, dict):
         return None
-    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
-        prompt = _int(usage.get("input_tokens"))
+    cache_write = 0
+    if "input_tokens" in usage or "output_tokens" in usage:  # Responses and Messages APIs
         completion = _int(usage.get("output_tokens"))
-        details = usage.get("input_tokens_details")
+        reasoning = _detail(usage.get("output_tokens_details"), "reasoning_tokens")
+        # Messages: input_tokens leaves out what was read from and written to the cache.
+        cached = _int(usage.get("cache_read_input_tokens"))
+        cache_write = _int(usage.get("cache_creation_input_tokens"))
+        prompt = _int(usage.get("input_tokens")) + cached + cache_write
+        cached = cached or _detail(usage.get("input_tokens_details"), "cached_tokens")
     elif "prompt_tokens" in usage or "completion_tokens" in usage:
         prompt = _int(usage.get("prompt_tokens"))
         completion = _int(usage.get("completion_tokens"))
         if not completion and "completion_tokens" not in usage:
             # embeddings: only prompt and total
             completion = max(0, _int(usage.get("total_tokens")) - prompt)
-        details = usage.get("prompt_tokens_details")
+        # DeepSeek reports its context cache as prompt_cache_hit_tokens.
+        cached = _detail(usage.get("prompt_tokens_details"), "cached_tokens") or _int(usage.get("prompt_cache_hit_tokens"))
+        reasoning = _detail(usage.get("completion_tokens_details"), "reasoning_tokens")
     else:
         return None
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    # DeepSeek reports its context cache this way.
-    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))
-    return Usage(prompt, completion, min(cached, prompt))
+    return Usage(prompt, completion, min(cached, prompt), min(cache_write, prompt), min(reasoning, completion),
+                 _cost(usage.get("cost")))
 
 
 def usage_of(doc: Any) -> Usage | None:
@@ -109,7 +135,10 @@ class StreamMeter:
     def __init__(self, counter: IncrementalCounter) -> None:
         self.counter = counter
         self.usage: Usage | None = None
-        self.done = False  # saw [DONE] or a terminal Responses event
+        self.done = False  # saw [DONE], a terminal Responses event or message_stop
+        self._message_usage: dict[str, Any] = {}  # a Messages stream's usage so far
+        #: A Messages stream's usage as ``message_start`` gave it: the prompt's, final; the output's, not.
+        self.started_usage: Usage | None = None
 
     def on_event(self, event: Event) -> bool:
         """Account for one event; return whether it is the usage-only chat chunk.
@@ -138,10 +167,13 @@ class StreamMeter:
             return False
         if not isinstance(doc, dict):
             return False
+        kind = doc.get("type")
+        if isinstance(kind, str) and "." not in kind:  # Messages API ("response.*" is the Responses API)
+            self._message_event(kind, doc)
+            return False
         text = _delta_text(doc)
         if text:
             self.counter.feed(text)
-        kind = doc.get("type")
         if isinstance(kind, str):
             if kind in ("response.completed", "response.incomplete", "response.failed"):
                 self.done = True
@@ -154,6 +186,33 @@ class StreamMeter:
             self.usage = usage
             return doc.get("choices") == []
         return False
+
+
+    def _message_event(self, kind: str, doc: dict[str, Any]) -> None:
+        """A Messages API event: text deltas are counted; the usage is the one of
+        ``message_start``, updated by each (cumulative) ``message_delta``."""
+        if kind == "content_block_delta":
+            delta = doc.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(key), str):
+                        self.counter.feed(delta[key])
+            return
+        if kind == "message_start":
+            message = doc.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+        elif kind == "message_delta":
+            usage = doc.get("usage")
+        else:
+            if kind == "message_stop":
+                self.done = True
+            return
+        if isinstance(usage, dict):
+            self._message_usage.update(usage)
+            if kind == "message_start":  # (its output_tokens is a placeholder: the count is not final)
+                self.started_usage = parse_usage(self._message_usage)
+            else:
+                self.usage = parse_usage(self._message_usage)
 
 
 def is_usage_only(event: Event) -> bool:

@@ -171,7 +171,7 @@ class GreyFoxService(MultiService):
         self.encodings = Encodings(reactor, os.path.join(os.path.dirname(os.path.abspath(settings.db)), "tiktoken"))
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
         self.http = UpstreamClient(reactor, settings.connect_timeout)
-        self.prices = PriceTable.shipped(settings.prices)
+        self.prices = PriceTable(settings.prices, base_urls={u.name: u.base_url for u in settings.upstreams.values()})
         now = reactor.seconds()
         self.quotas = Quotas(
             Limits(settings.daily_tokens, settings.user_rpm, settings.user_tpm),

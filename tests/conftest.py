@@ -25,6 +25,7 @@ from . import fakeupstream
 
 PROXY_KEY = "sk-proxy-openai-key-0000"
 DEEPSEEK_KEY = "sk-proxy-deepseek-key-1111"
+ANTHROPIC_KEY = "sk-ant-proxy-key-2222"
 
 
 @pytest.fixture
@@ -79,6 +80,8 @@ def proxy_env(upstream_url: str, **extra: str) -> dict[str, str]:
         "DEEPSEEK_BASE_URL": f"{upstream_url}/deepseek/v1",
         "DEEPSEEK_API_KEY": DEEPSEEK_KEY,
         "OPENROUTER_BASE_URL": f"{upstream_url}/openrouter/v1",
+        "ANTHROPIC_BASE_URL": f"{upstream_url}/anthropic",
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
     }
     env.update(extra)
     return env

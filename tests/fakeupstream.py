@@ -20,7 +20,16 @@ the model name:
 * ``huge-usage``: a chat answer whose usage counts 2**64 prompt tokens;
 * ``bad-gzip``: an answer that says it is gzip and is not;
 * ``echo-sse``: streams back the bytes in the request's ``x_sse`` (base64),
-  cut at ``x_cuts``: the tests' way to send any stream.
+  cut at ``x_cuts``: the tests' way to send any stream;
+* ``o3-mini``: chat and responses usage with reasoning tokens.
+
+Paths under ``/anthropic/v1/`` answer as the Anthropic Messages API does:
+the real event sequence (``message_start`` ... ``message_stop``, ``ping``
+included) with prompt-caching usage, ``count_tokens``, and Anthropic-shaped
+errors for ``fail-N``; ``metadata.user_id: "fake-words"`` streams 40
+one-token words.  Under ``/deepseek/`` usage reports DeepSeek's
+``prompt_cache_hit_tokens``; under ``/openrouter/`` it carries ``cost`` when
+the request asks for OpenRouter's usage accounting.
 """
 
 from __future__ import annotations
@@ -44,6 +53,12 @@ LONG_REPLY = "".join(LONG_PIECES)
 PROMPT_TOKENS = 13
 COMPLETION_TOKENS = 11
 CACHED_TOKENS = 4
+REASONING_TOKENS = 6
+OPENROUTER_COST = 0.00042
+#: A Messages answer's usage: input beside the cache, cache writes and reads, output.
+ANTHROPIC_USAGE = {"input_tokens": 21, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 3000,
+                   "output_tokens": 11}
+COUNT_TOKENS = 42
 
 
 @attr.s(auto_attribs=True)
@@ -158,6 +173,8 @@ class FakeUpstream(Resource):
 
     def _answer(self, request: Any, path: str, body: Any) -> Any:
         model = body.get("model", "") if isinstance(body, dict) else ""
+        if path.startswith("/anthropic/"):
+            return self._anthropic(request, path, body, model)
         if path.endswith("/models"):
             return self._json(request, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "fake"}]})
         if model.startswith("fail-"):
@@ -202,6 +219,31 @@ class FakeUpstream(Resource):
             return gzip.compress(body)
         return body
 
+    # -- the Anthropic Messages API --
+
+    def _anthropic(self, request: Any, path: str, body: Any, model: str) -> Any:
+        if path == "/anthropic/v1/messages/count_tokens":
+            return self._json(request, {"input_tokens": COUNT_TOKENS})
+        if path != "/anthropic/v1/messages":
+            return _anthropic_error(request, 404, "not_found_error", f"no such path {path}")
+        if model.startswith("fail-"):
+            status = int(model[5:])
+            kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error" if status >= 500 else "invalid_request_error")
+            return _anthropic_error(request, status, kind, f"fake failure {status}")
+        if model == "hang":
+            return NOT_DONE_YET
+        if isinstance(body, dict) and body.get("stream") is True:
+            request.setHeader(b"content-type", b"text/event-stream")
+            words = (body.get("metadata") or {}).get("user_id") == "fake-words"  # 40 one-token words
+            pieces = WORD_PIECES if words else REPLY_PIECES
+            self._stream(request, anthropic_events(model, pieces), model)
+            return NOT_DONE_YET
+        return self._json(request, {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": REPLY}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": ANTHROPIC_USAGE,
+        })
+
     # -- chat --
 
     def _chat(self, request: Any, body: dict[str, Any], model: str, stream: bool) -> Any:
@@ -211,6 +253,13 @@ class FakeUpstream(Resource):
             usage = _usage()
             if model == "huge-usage":  # past SQLite's INTEGER range
                 usage["prompt_tokens"] = usage["total_tokens"] = 18446744073709551616
+            if model == "o3-mini":
+                usage["completion_tokens_details"] = {"reasoning_tokens": REASONING_TOKENS}
+            if request.path.startswith(b"/deepseek/"):
+                del usage["prompt_tokens_details"]
+                usage["prompt_cache_hit_tokens"] = CACHED_TOKENS
+            if request.path.startswith(b"/openrouter/") and (body.get("usage") or {}).get("include"):
+                usage["cost"] = OPENROUTER_COST
             return self._json(request, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}],
@@ -303,6 +352,9 @@ class FakeUpstream(Resource):
 
     def _responses(self, request: Any, model: str, stream: bool) -> Any:
         usage = {"input_tokens": 9, "output_tokens": 11, "total_tokens": 20, "input_tokens_details": {"cached_tokens": 0}}
+        if model == "o3-mini":
+            usage["input_tokens_details"] = {"cached_tokens": 3}
+            usage["output_tokens_details"] = {"reasoning_tokens": REASONING_TOKENS}
         done = {"id": "resp_fake", "object": "response", "status": "completed", "model": model, "created_at": 1,
                 "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
                             "content": [{"type": "output_text", "text": REPLY, "annotations": []}]}],
@@ -319,6 +371,33 @@ class FakeUpstream(Resource):
         chunks.append(b"event: response.completed\n" + sse({"type": "response.completed", "sequence_number": 99, "response": done}))
         self._stream(request, chunks, model)
         return NOT_DONE_YET
+
+
+def _anthropic_error(request: Any, status: int, kind: str, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+def anthropic_events(model: str, pieces: list[str] = REPLY_PIECES) -> list[bytes]:
+    """A Messages stream as the API sends it, one SSE event each."""
+    start_usage = dict(ANTHROPIC_USAGE, output_tokens=1)
+    message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": start_usage}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"}),
+    ]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": piece}}) for piece in pieces]
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": ANTHROPIC_USAGE["output_tokens"]}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return [b"event: " + name.encode() + b"\n" + sse(doc) for name, doc in events]
 
 
 def start(upstream: FakeUpstream | None = None, idle_timeout: float | None = None) -> FakeUpstream:

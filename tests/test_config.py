@@ -16,8 +16,9 @@ def test_defaults():
     assert s.mode == "record"
     assert (s.connect_timeout, s.read_timeout, s.stream_idle_timeout) == (10, 600, 300)
     assert s.max_body_bytes == 10 * 1024 * 1024
-    assert set(s.upstreams) == {"openai", "deepseek", "openrouter"}
+    assert set(s.upstreams) == {"openai", "deepseek", "openrouter", "anthropic"}
     assert s.upstreams["openrouter"].base_url == "https://openrouter.ai/api/v1"
+    assert (s.upstreams["anthropic"].base_url, s.upstreams["anthropic"].api) == ("https://api.anthropic.com", "anthropic")
     assert s.default_upstream == "openai"
 
 

@@ -6,6 +6,7 @@ import json
 import socket
 from typing import Any
 
+import openai
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, fail
@@ -105,6 +106,35 @@ async def test_cost_uses_the_price_table_and_unknown_models_are_flagged(start_pr
     by_model = {r["key"]: r for r in usage["rows"]}
     assert by_model["my-private-model"]["unpriced_requests"] == 1
     assert by_model["gpt-4o-mini"]["cost_usd"] == pytest.approx(known["cost_usd"], abs=1e-6)
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_details_and_cost_sources_reach_rows_totals_and_metrics(start_proxy, http):
+    proxy = await start_proxy(OPENROUTER_API_KEY="sk-or")
+    client = openai.OpenAI(base_url=proxy.v1, api_key="sk-client", max_retries=0)
+
+    def calls() -> list[Any]:
+        return [
+            client.chat.completions.create(model="o3-mini", messages=CHAT["messages"]),
+            client.responses.create(model="o3-mini", input="Say hello"),
+            client.chat.completions.create(model="deepseek/deepseek-chat", messages=CHAT["messages"]),
+            client.chat.completions.create(model="openrouter/anthropic/claude-sonnet-4", messages=CHAT["messages"]),
+        ]
+
+    answers = await in_thread(calls)
+    assert answers[0].usage.completion_tokens_details.reasoning_tokens == fakeupstream.REASONING_TOKENS
+    assert proxy.upstream.received[3].body["usage"] == {"include": True}  # OpenRouter's usage accounting, asked for
+    router, deepseek, responses, chat = await rows(http, proxy)
+    assert (chat["reasoning_tokens"], chat["cached_tokens"], chat["cost_source"]) == (fakeupstream.REASONING_TOKENS, CACHED, "table")
+    assert (responses["reasoning_tokens"], responses["cached_tokens"]) == (fakeupstream.REASONING_TOKENS, 3)
+    assert deepseek["cached_tokens"] == CACHED  # from prompt_cache_hit_tokens
+    assert (router["cost_usd"], router["cost_source"]) == (fakeupstream.OPENROUTER_COST, "upstream")
+    code, usage = await get_json(http, proxy.url + "/api/usage?group=model")
+    o3 = {r["key"]: r for r in usage["rows"]}["o3-mini"]
+    assert (o3["reasoning_tokens"], o3["cached_tokens"]) == (2 * fakeupstream.REASONING_TOKENS, CACHED + 3)
+    response = await http.get(proxy.url + "/metrics")
+    text = (await response.content()).decode()
+    assert f'greyfox_tokens_total{{kind="reasoning",upstream="openai"}} {2 * fakeupstream.REASONING_TOKENS}.0' in text
 
 
 @pytest_twisted.ensureDeferred
@@ -340,7 +370,7 @@ async def test_status_metrics_and_admin_token(start_proxy, http):
     response = await http.get(proxy.url + "/api/status", headers=auth)
     status = json.loads(await response.content())
     assert status["mode"] == "record" and status["db"]["size_bytes"] > 0
-    assert {u["name"] for u in status["upstreams"]} == {"openai", "deepseek", "openrouter"}
+    assert {u["name"] for u in status["upstreams"]} == {"openai", "deepseek", "openrouter", "anthropic"}
     response = await http.get(proxy.url + "/metrics", headers=auth)
     text = (await response.content()).decode()
     assert 'greyfox_requests_total{cache="MISS",status_class="2xx",upstream="openai"} 1.0' in text

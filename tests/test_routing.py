@@ -2,12 +2,14 @@
 
 from greyfox._config import Upstream
 from greyfox._routing import forwarded_fields, resolve, returned_fields, upstream_authorization, upstream_url
-from greyfox._routing import as_fields
+from greyfox._routing import Route, as_fields
 
 UPSTREAMS = {
     "openai": Upstream("openai", "https://api.openai.com/v1", "sk-o"),
     "deepseek": Upstream("deepseek", "https://api.deepseek.com/v1", "sk-d"),
     "openrouter": Upstream("openrouter", "https://openrouter.ai/api/v1"),
+    "anthropic": Upstream("anthropic", "https://api.anthropic.com", "sk-ant", api="anthropic"),
+    "custom": Upstream("custom", "https://claude.example", api="anthropic"),
 }
 
 
@@ -64,9 +66,24 @@ def test_response_headers_drop_framing_and_cookies():
 
 
 def test_authorization_rules():
-    assert upstream_authorization(UPSTREAMS["openai"], b"Bearer c", False) == b"Bearer sk-o"
-    assert upstream_authorization(UPSTREAMS["openrouter"], b"Bearer c", False) == b"Bearer c"
-    assert upstream_authorization(UPSTREAMS["openrouter"], b"Bearer gf", True) is None
+    client = (b"Authorization", b"Bearer c")
+    assert upstream_authorization(UPSTREAMS["openai"], client, False) == (b"Authorization", b"Bearer sk-o")
+    assert upstream_authorization(UPSTREAMS["openrouter"], client, False) == client
+    assert upstream_authorization(UPSTREAMS["openrouter"], (b"Authorization", b"Bearer gf"), True) is None
+    assert upstream_authorization(UPSTREAMS["anthropic"], client, False) == (b"x-api-key", b"sk-ant")
+    assert upstream_authorization(UPSTREAMS["custom"], (b"x-api-key", b"c"), False) == (b"x-api-key", b"c")
+
+
+def test_a_prefix_routes_only_to_an_upstream_of_the_requests_api():
+    assert resolve("custom/claude-x", UPSTREAMS, "anthropic", "anthropic") == Route(UPSTREAMS["custom"], "claude-x", True)
+    assert resolve("claude-x", UPSTREAMS, "anthropic", "anthropic") == Route(UPSTREAMS["anthropic"], "claude-x")
+    # an OpenRouter model name keeps its slash on chat completions, though "anthropic" is an upstream
+    assert resolve("anthropic/claude-sonnet-4", UPSTREAMS, "openrouter") == Route(UPSTREAMS["openrouter"], "anthropic/claude-sonnet-4")
+    assert resolve("deepseek/deepseek-chat", UPSTREAMS, "anthropic", "anthropic").upstream.name == "anthropic"
+
+
+def test_an_anthropic_base_url_has_no_v1():
+    assert upstream_url(UPSTREAMS["anthropic"], b"/messages") == b"https://api.anthropic.com/v1/messages"
 
 
 def test_url_joins_base_path_and_query():

@@ -17,6 +17,43 @@ def test_usage_shapes():
     assert parse_usage(None) is None and parse_usage({"foo": 1}) is None
 
 
+def test_usage_details_of_every_provider_are_kept():
+    # OpenAI chat: cached prompt tokens, reasoning tokens (already inside completion_tokens)
+    assert parse_usage({"prompt_tokens": 50, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 20},
+                        "completion_tokens_details": {"reasoning_tokens": 12}}) == Usage(50, 30, 20, 0, 12)
+    # Responses API
+    assert parse_usage({"input_tokens": 50, "output_tokens": 30, "input_tokens_details": {"cached_tokens": 20},
+                        "output_tokens_details": {"reasoning_tokens": 12}}) == Usage(50, 30, 20, 0, 12)
+    # Anthropic: input_tokens leaves the cache out; the prompt is all three
+    assert parse_usage({"input_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 300,
+                        "output_tokens": 7}) == Usage(405, 7, 300, 100)
+    # OpenRouter's own cost
+    assert parse_usage({"prompt_tokens": 5, "completion_tokens": 7, "cost": 0.0012}).cost_usd == 0.0012
+    assert parse_usage({"prompt_tokens": 5, "completion_tokens": 7, "cost": "free"}).cost_usd is None
+    # details never exceed what they detail
+    assert parse_usage({"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9},
+                        "completion_tokens_details": {"reasoning_tokens": 9}}) == Usage(5, 1, 5, 0, 1)
+
+
+def test_a_messages_stream_is_metered_from_message_start_and_the_cumulative_message_delta():
+    meter = StreamMeter(IncrementalCounter(None))
+    events = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 5, "cache_read_input_tokens": 300,
+                                                        "cache_creation_input_tokens": 100, "output_tokens": 1}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\""}},
+        {"type": "ping"},
+    ]
+    for doc in events:
+        assert meter.on_event(chunk(doc)) is False
+    assert meter.usage is None and meter.started_usage == Usage(405, 1, 300, 100)  # (output not final yet)
+    assert meter.counter.total > 0
+    meter.on_event(chunk({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}))
+    assert meter.usage == Usage(405, 9, 300, 100) and not meter.done
+    meter.on_event(chunk({"type": "message_stop"}))
+    assert meter.done
+
+
 def test_usage_from_bodies():
     # (as the flight reads a kept answer: parsed once, then its usage taken)
     assert usage_of(_json_of(json.dumps({"object": "response", "usage": {"input_tokens": 1, "output_tokens": 2}}).encode())) == Usage(1, 2)

@@ -312,11 +312,22 @@ $("#live-more").addEventListener("click", async () => {
 ["#f-user", "#f-model", "#f-cache", "#f-status"].forEach((sel) =>
   $(sel).addEventListener("change", () => { state.newestId = 0; loadLive(true).catch(report); }));
 
+// "prompt 9,000 (4,000 cached, 2,000 cache write) + completion 800 (500 reasoning); $0.0123 from table"
+function tokenDetails(r) {
+  const parts = (pairs) => pairs.filter(([n]) => n).map(([n, what]) => `${fmtInt(n)} ${what}`).join(", ");
+  const prompt = parts([[r.cached_tokens, "cached"], [r.cache_write_tokens, "cache write"]]);
+  const completion = parts([[r.reasoning_tokens, "reasoning"]]);
+  const cost = r.cost_usd == null ? "no known price" : `${fmtUsd(r.cost_usd)} from ${r.cost_source || "nothing"}`;
+  return `prompt ${fmtInt(r.prompt_tokens)}${prompt ? ` (${prompt})` : ""} + completion ` +
+    `${fmtInt(r.completion_tokens)}${completion ? ` (${completion})` : ""}; ${cost}`;
+}
+
 $("#live-table").addEventListener("click", (event) => {
   const tr = event.target.closest("tr[data-row]");
   if (!tr) return;
   const row = JSON.parse(tr.dataset.row);
   $("#d-id").textContent = "#" + row.id;
+  $("#d-tokens").textContent = tokenDetails(row);
   $("#d-body").textContent = JSON.stringify(row, null, 2);
   $("#details").showModal();
 });

@@ -17,7 +17,7 @@ import pytest_twisted
 from greyfox._cisummary import Summary, exit_status, merge_cassette, summarize
 from greyfox._store import LedgerRow
 
-from .conftest import PROXY_KEY, in_thread
+from .conftest import ANTHROPIC_KEY, PROXY_KEY, in_thread
 
 SUITE = str(Path(__file__).with_name("ci_suite.py"))
 
@@ -27,8 +27,10 @@ def greyfox_ci(upstream: Any, tmp_path: Path, *args: str, key: bool = True, **en
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("OPENAI_", "ANTHROPIC_", "GREYFOX_", "GITHUB_"))}
     environ["OPENAI_BASE_URL"] = f"{upstream.url}/openai/v1"
+    environ["ANTHROPIC_BASE_URL"] = f"{upstream.url}/anthropic"
     if key:
         environ["OPENAI_API_KEY"] = PROXY_KEY
+        environ["ANTHROPIC_API_KEY"] = ANTHROPIC_KEY
     environ.update(env)
     command = [sys.executable, "-m", "greyfox", "ci", *args, "--", sys.executable, SUITE]
     return subprocess.run(command, capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=120)
@@ -47,16 +49,15 @@ async def record(upstream: Any, tmp_path: Path, cassette: str = "c.jsonl") -> li
 @pytest_twisted.ensureDeferred
 async def test_recorded_once_the_suite_replays_with_no_key_and_no_upstream_call(upstream, tmp_path):
     lines = await record(upstream, tmp_path)
-    assert len(lines) == 2  # the repeated call was a hit; the stream is its own entry
-    assert len(upstream.received) == 2
-    assert PROXY_KEY not in (tmp_path / "c.jsonl").read_text()
+    assert len(lines) == 3  # the repeated call was a hit; the stream and the message are entries of their own
+    assert len(upstream.received) == 3
+    assert {r.path for r in upstream.received} == {"/openai/v1/chat/completions", "/anthropic/v1/messages"}
+    assert PROXY_KEY not in (tmp_path / "c.jsonl").read_text() and ANTHROPIC_KEY not in (tmp_path / "c.jsonl").read_text()
     done = await run(upstream, tmp_path, "--cassette", "c.jsonl", key=False)
     assert done.returncode == 0, done.stderr
-    assert len(upstream.received) == 2  # replay never reaches the upstream
-    assert done.stdout.count("answer:") == 3 and "failed: 0" in done.stdout
-    assert "3 requests, 3 hits, 0 misses" in done.stderr
-    port = int(done.stdout.split("env: http://127.0.0.1:")[1].split()[0])
-    assert f"env: http://127.0.0.1:{port} True" in done.stdout  # ANTHROPIC_BASE_URL and a dummy key, as for OpenAI
+    assert len(upstream.received) == 3  # replay never reaches the upstream
+    assert done.stdout.count("answer:") == 4 and "failed: 0" in done.stdout
+    assert "4 requests, 4 hits, 0 misses" in done.stderr
 
 
 @pytest_twisted.ensureDeferred
@@ -67,15 +68,16 @@ async def test_a_changed_prompt_fails_the_run_with_one_line_naming_the_field(ups
     done = await run(upstream, tmp_path, "--cassette", "c.jsonl", "--report", "report.md", key=False,
                      PROMPT="Say goodbye", GITHUB_STEP_SUMMARY=str(summary_file))
     assert done.returncode == 1, done.stderr
-    assert "failed: 2" in done.stdout  # the suite saw the 404s and still exited 0: the misses decide
+    assert "failed: 3" in done.stdout  # the suite saw the 404s and still exited 0: the misses decide
     line = 'miss: /v1/chat/completions (gpt-4o-mini): messages[0].content: "Say hello" → "Say goodbye"'
     assert line in done.stderr
-    assert done.stderr.count("miss: ") == 1  # the same miss twice is listed once
-    assert "3 requests, 1 hits, 2 misses" in done.stderr
+    assert 'miss: /v1/messages (claude-sonnet-4-5): messages[0].content: "Say hello" → "Say goodbye"' in done.stderr
+    assert done.stderr.count("miss: ") == 2  # the same miss twice is listed once
+    assert "4 requests, 1 hits, 3 misses" in done.stderr
     report = (tmp_path / "report.md").read_text()
-    assert line in report and "| 3 | 1 | 2 |" in report
+    assert line in report and "| 4 | 1 | 3 |" in report
     assert summary_file.read_text() == "earlier step\n" + report + "\n"  # appended, as GitHub expects
-    assert len(upstream.received) == 2
+    assert len(upstream.received) == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -84,12 +86,13 @@ async def test_record_missing_adds_exactly_the_new_entry_in_key_order(upstream, 
     done = await run(upstream, tmp_path, "--cassette", "c.jsonl", "--mode", "record-missing", PROMPT="Say goodbye")
     assert done.returncode == 0, done.stderr
     after = (tmp_path / "c.jsonl").read_text().splitlines()
-    assert len(upstream.received) == 3  # only the new prompt went upstream, once
-    assert set(before) < set(after) and len(after) == 3  # the old lines unchanged, byte for byte
-    [new] = set(after) - set(before)
-    assert json.loads(new)["request"]["messages"] == [{"role": "user", "content": "Say goodbye"}]
+    assert len(upstream.received) == 5  # only the new prompts went upstream, once each
+    assert set(before) < set(after) and len(after) == 5  # the old lines unchanged, byte for byte
+    new = [json.loads(line) for line in set(after) - set(before)]
+    assert sorted(d["path"] for d in new) == ["/chat/completions", "/messages"]
+    assert all(d["request"]["messages"] == [{"role": "user", "content": "Say goodbye"}] for d in new)
     assert [json.loads(x)["key"] for x in after] == sorted(json.loads(x)["key"] for x in after)
-    assert "1 new entries written to c.jsonl" in done.stderr
+    assert "2 new entries written to c.jsonl" in done.stderr
 
 
 @pytest_twisted.ensureDeferred
@@ -98,10 +101,10 @@ async def test_record_fetches_again_what_the_run_uses_and_keeps_the_rest(upstrea
     done = await run(upstream, tmp_path, "--cassette", "c.jsonl", "--mode", "record-missing", PROMPT="Unused later")
     assert done.returncode == 0, done.stderr
     before = {json.loads(x)["key"]: x for x in (tmp_path / "c.jsonl").read_text().splitlines()}
-    assert len(before) == 3 and len(upstream.received) == 3
+    assert len(before) == 5 and len(upstream.received) == 5
     done = await run(upstream, tmp_path, "--cassette", "c.jsonl", "--mode", "record")
     assert done.returncode == 0, done.stderr
-    assert len(upstream.received) == 5  # both entries this run uses were fetched again
+    assert len(upstream.received) == 8  # the three entries this run uses were fetched again
     after = {json.loads(x)["key"]: x for x in (tmp_path / "c.jsonl").read_text().splitlines()}
     assert after.keys() == before.keys()
     unused = [k for k in before if "Unused later" in before[k]]
@@ -117,9 +120,9 @@ async def test_the_commands_own_failure_wins(upstream, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_spending_over_the_budget_fails_the_run(upstream, tmp_path):
-    done = await run(upstream, tmp_path, "--cassette", "a.jsonl", "--mode", "record-missing", "--budget-usd", "0")
+    done = await run(upstream, tmp_path, "--cassette", "a.jsonl", "--mode", "record-missing", "--budget-usd", "0.001")
     assert done.returncode == 1
-    assert re.search(r"over budget: \$0\.0000[1-9]\d spent, --budget-usd 0\n", done.stderr), done.stderr
+    assert re.search(r"over budget: \$0\.00[1-9]\d+ spent, --budget-usd 0.001\n", done.stderr), done.stderr
     done = await run(upstream, tmp_path, "--cassette", "b.jsonl", "--mode", "record-missing", "--budget-usd", "1")
     assert done.returncode == 0, done.stderr
 

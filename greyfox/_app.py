@@ -25,7 +25,7 @@ from twisted.web.static import File
 
 from . import _errors as errors
 from ._api import Api, Result
-from ._errors import ApiError
+from ._errors import ApiError, too_large
 from ._metrics import Metrics
 from ._proxy import Proxy, _same
 from ._routing import bearer
@@ -122,6 +122,8 @@ class GreyFoxApp:
     async def _admin_call(self, request: IRequest, handler: Callable[[], Awaitable[Result] | Result]) -> bytes:
         try:
             self._check_admin(request)
+            if getattr(request, "body_too_large", False):
+                raise too_large(request.max_body)  # type: ignore[attr-defined]
             result = handler()
             if not isinstance(result, tuple):
                 result = await result

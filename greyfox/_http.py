@@ -60,7 +60,8 @@ class HeadDeadlineChannel(HTTPChannel):
     a head a byte at a time held a connection for ever.  Here the bytes of
     a head do not put it off: from a head's first byte the client has the
     idle timeout to complete it; a body's bytes and a complete head put it
-    off as before.
+    off as before.  A request declaring a body past the limit is answered
+    at once.
     """
 
     _in_head = False
@@ -77,6 +78,16 @@ class HeadDeadlineChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._in_head = False
         self.resetTimeout()
+        request = self.requests[-1]
+        if self.length is not None and self.length > request.max_body:
+            # A body declared past the limit is answered (413, by the route,
+            # which sees ``body_too_large``) before a byte of it is read, and
+            # without a 100 Continue; the connection closes after the answer.
+            request.parseCookies()
+            self.persistent = False
+            request.gotLength(self.length)
+            self.length = 0  # (so twisted.web takes the request as complete, and hands it on now)
+            return
         super().allHeadersReceived()
 
 

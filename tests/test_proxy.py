@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import openai
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, fail
@@ -454,6 +455,30 @@ async def test_a_chunked_upload_over_the_limit_is_refused_with_413(start_proxy, 
     assert b"request_too_large" in client.received
     assert proxy.upstream.received == []
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("path, expect", [
+    (b"/v1/chat/completions", b""),
+    (b"/v1/messages", b"Expect: 100-continue\r\n"),
+    (b"/api/quotas", b""),
+])
+async def test_a_body_declared_past_the_limit_is_refused_before_it_is_sent(start_proxy, http, path, expect):
+    """A client declaring 2 GB gets its 413 at once: no 100 Continue, and nothing of the body is awaited."""
+    proxy = await start_proxy()
+    port = proxy.service.port.getHost().port
+    method = b"PUT" if path.startswith(b"/api") else b"POST"
+    client = RawClient(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+                       expect + b"Content-Length: 2147483648\r\n\r\n{")  # and not another byte
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    await _wait(client.closed, 5)  # answered, and the connection closed
+    status_line = client.received.split(b"\r\n", 1)[0]
+    assert b" 413 " in status_line, client.received
+    assert b"100 Continue" not in client.received
+    assert b"request_too_large" in client.received or b"invalid_request_error" in client.received
+    assert proxy.upstream.received == []
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", CHAT)  # and the proxy keeps serving
     assert response.code == 200
 
 

@@ -6,6 +6,8 @@ the model name:
 
 * ``fail-500`` / ``fail-429``: an error status with an OpenAI error body;
 * ``hang``: never answers (response-headers timeout);
+* ``reset``: resets the connection; ``garbage``: answers bytes that are not
+  HTTP; ``invalid-json``: a 200 whose JSON body does not parse;
 * ``drop-after-2``: streams two chunks, then drops the connection;
 * ``stall-after-2``: streams two chunks, then goes silent (idle timeout);
 * ``big-N``: streams N MiB of SSE through a push producer that honours
@@ -183,6 +185,16 @@ class FakeUpstream(Resource):
             return self._json(request, {"error": {"message": f"fake failure {status}", "type": "server_error", "code": None, "param": None}}, code=status)
         if model == "hang":
             return NOT_DONE_YET
+        if model == "reset":  # the connection reset, no response at all
+            request.channel.transport.abortConnection()
+            return NOT_DONE_YET
+        if model == "garbage":  # bytes that are not HTTP, then the end
+            request.channel.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01\xfe garbage\r\n\r\n")
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
+        if model == "invalid-json":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"id": "chatcmpl-bad", "choices": [oops'
         if model == "truncate":
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"1000")

@@ -213,6 +213,10 @@ FAULTS = [
     ("bad-gzip", False, 502, True, "upstream dropped"),
     ("drop-after-2", True, 200, False, "upstream dropped"),
     ("stall-after-2", True, 200, False, "GREYFOX_STREAM_IDLE_TIMEOUT"),
+    ("reset", False, 502, True, "unreachable"),
+    ("garbage", False, 502, True, "unreachable"),
+    ("invalid-json", False, 200, True, None),  # relayed as it came; never cached
+    ("big-20", True, 200, True, None),  # 20 MiB relayed through, too big to cache
 ]
 
 
@@ -243,3 +247,128 @@ async def test_upstream_faults_end_to_end(daemon, upstream, http, model, stream,
     assert health.code == 200
     await health.content()
     assert "Traceback" not in d.output(), d.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_refuses_connections_is_a_502(tmp_path, upstream, http):
+    closed = free_port()  # (nothing listens there)
+    d = Daemon(tmp_path, upstream, OPENAI_BASE_URL=f"http://127.0.0.1:{closed}/v1")
+    try:
+        await d.ready(http)
+        response, body = await post_json(http, d.url + "/v1/chat/completions", CHAT)
+        error = json.loads(body)["error"]
+        assert response.code == 502 and error["code"] == "upstream_unreachable" and "refused" in error["message"]
+        assert "Traceback" not in d.output()
+    finally:
+        d.kill()
+
+
+async def raw_exchange(d: Daemon, data: bytes, hang_up_after: float | None = None) -> bytes:
+    """Send ``data`` on a fresh connection; read until the daemon closes it, or hang up after a while."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from .test_proxy import RawClient
+
+    client = RawClient(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", d.port), client)
+    if hang_up_after is not None:
+        await sleep(hang_up_after)
+        client.transport.abortConnection()
+    await client.closed
+    return client.received
+
+
+def head(body: bytes, path: bytes = b"/v1/chat/completions", extra: bytes = b"") -> bytes:
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + extra +
+            b"Content-Length: %d\r\n\r\n" % len(body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_hanging_up_at_every_stage_leave_the_daemon_serving_and_the_books_right(daemon, upstream, http):
+    d = daemon(GREYFOX_READ_TIMEOUT="30")
+    await d.ready(http)
+    hang = json.dumps(dict(CHAT, model="hang")).encode()
+    big = json.dumps(dict(CHAT, model="big-20", stream=True)).encode()  # (seconds to relay: cut well before its end)
+    await raw_exchange(d, b"POST /v1/chat/compl", hang_up_after=0.1)  # mid head
+    await raw_exchange(d, head(hang)[:-2], hang_up_after=0.1)  # head without its blank line
+    await raw_exchange(d, head(hang) + hang[:10], hang_up_after=0.1)  # mid body
+    await raw_exchange(d, head(hang) + hang, hang_up_after=0.3)  # waiting for the upstream
+    received = await raw_exchange(d, head(big) + big, hang_up_after=0.3)  # mid stream
+    assert received.startswith(b"HTTP/1.1 200")
+    response, body = await post_json(http, d.url + "/v1/chat/completions", CHAT)
+    assert response.code == 200
+    rows: list[Any] = []
+    for _ in range(100):
+        rows = json.loads(await (await http.get(d.url + "/api/requests")).content())["requests"]
+        if len(rows) == 3:
+            break
+        await sleep(0.05)
+    assert sorted(r["status"] for r in rows) == [200, 499, 499]  # only requests that arrived whole are rows
+    assert all(r["error"] == "client disconnected" for r in rows if r["status"] == 499)
+    assert "Traceback" not in d.output(), d.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_are_answered_in_order(daemon, upstream, http):
+    d = daemon()
+    await d.ready(http)
+    bodies = [json.dumps(dict(CHAT, seed=i)).encode() for i in range(3)]
+    pipelined = b"".join(head(b) + b for b in bodies[:2]) + head(bodies[2], extra=b"Connection: close\r\n") + bodies[2]
+    received = await raw_exchange(d, pipelined)
+    assert received.count(b"HTTP/1.1 200 OK") == 3
+    ids = [int(line.split(b":")[1]) for line in received.split(b"\r\n") if line.lower().startswith(b"x-greyfox-request-id")]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert [r.body["seed"] for r in upstream.received] == [0, 1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_locked_by_another_process_degrades_the_daemon_and_it_recovers(daemon, upstream, http):
+    d = daemon()
+    await d.ready(http)
+
+    async def health() -> int:
+        response = await http.get(d.url + "/healthz")
+        await response.content()
+        return response.code
+
+    locker = sqlite3.connect(d.db, timeout=0, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(5):
+            response, _ = await post_json(http, d.url + "/v1/chat/completions", dict(CHAT, seed=i))
+            assert response.code == 200  # answered while the ledger cannot write
+        for _ in range(100):
+            if await health() == 503:
+                break
+            await sleep(0.05)
+        assert await health() == 503
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    for _ in range(200):
+        if await health() == 200:
+            break
+        await sleep(0.05)
+    assert await health() == 200
+    rows = json.loads(await (await http.get(d.url + "/api/requests")).content())["requests"]
+    assert len(rows) == 5 and all(r["status"] == 200 for r in rows)  # nothing lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_loses_nothing_flushed_and_no_request_id_is_reused(daemon, upstream, http):
+    d = daemon()
+    await d.ready(http)
+    given = []
+    for i in range(10):
+        response, _ = await post_json(http, d.url + "/v1/chat/completions", dict(CHAT, seed=i))
+        given.append(int(response.headers.getRawHeaders(b"x-greyfox-request-id")[0]))
+    await sleep(0.5)  # past the 100 ms flush window
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    again = daemon()  # (on the same database)
+    await again.ready(http)
+    rows = json.loads(await (await http.get(again.url + "/api/requests")).content())["requests"]
+    assert sorted(r["id"] for r in rows) == given
+    response, _ = await post_json(http, again.url + "/v1/chat/completions", dict(CHAT, seed=99))
+    assert int(response.headers.getRawHeaders(b"x-greyfox-request-id")[0]) > max(given)

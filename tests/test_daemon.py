@@ -48,14 +48,17 @@ def test_bad_setting_stops_the_start_with_one_line(tmp_path, args, env, named):
 
 
 class Daemon:
-    def __init__(self, tmp_path: Any, upstream: fakeupstream.FakeUpstream, **env: str) -> None:
+    def __init__(self, tmp_path: Any, upstream: fakeupstream.FakeUpstream, file_size_limit: int | None = None,
+                 **env: str) -> None:
+        """:param file_size_limit: the largest file the daemon may write (RLIMIT_FSIZE): a disk that fills up."""
         self.port = free_port()
         self.db = str(tmp_path / "daemon" / "greyfox.db")
-        self.log = open(tmp_path / "twistd.log", "w+")
+        self.log = open(tmp_path / "twistd.log", "a+")  # (a restarted daemon writes after the first)
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "greyfox", "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--db", self.db],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp_path,
             env=dict({k: v for k, v in os.environ.items() if not k.startswith(("GREYFOX_", "OPENAI_"))}, **proxy_env(upstream.url, **env)),
+            preexec_fn=None if file_size_limit is None else lambda: _limit_file_size(file_size_limit),
         )
 
     @property
@@ -94,12 +97,18 @@ class Daemon:
             self.proc.wait()
 
 
+def _limit_file_size(size: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))  # (Python ignores SIGXFSZ: writes fail with EFBIG)
+
+
 @pytest.fixture
 def daemon(tmp_path, upstream):
     started = []
 
-    def start(**env: str) -> Daemon:
-        d = Daemon(tmp_path, upstream, **env)
+    def start(file_size_limit: int | None = None, **env: str) -> Daemon:
+        d = Daemon(tmp_path, upstream, file_size_limit, **env)
         started.append(d)
         return d
 
@@ -372,3 +381,27 @@ async def test_kill_9_loses_nothing_flushed_and_no_request_id_is_reused(daemon, 
     assert sorted(r["id"] for r in rows) == given
     response, _ = await post_json(http, again.url + "/v1/chat/completions", dict(CHAT, seed=99))
     assert int(response.headers.getRawHeaders(b"x-greyfox-request-id")[0]) > max(given)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_degrades_the_daemon_and_loses_no_row(daemon, upstream, http):
+    d = daemon(file_size_limit=160 * 1024)  # the database's files may not grow past 160 KiB
+    await d.ready(http)
+    answered = 0
+    for i in range(60):
+        response, _ = await post_json(http, d.url + "/v1/chat/completions", dict(CHAT, seed=i))
+        assert response.code == 200  # answered whatever the disk says
+        answered += 1
+        health = await http.get(d.url + "/healthz")
+        await health.content()
+        if health.code == 503:
+            break
+        await sleep(0.12)  # (a commit each: the write-ahead log grows)
+    assert health.code == 503, d.output()
+    d.proc.send_signal(signal.SIGTERM)
+    assert await d.exit_code() in (0, -signal.SIGTERM), d.output()
+    assert "Traceback" not in d.output(), d.output()
+    again = daemon()  # the disk has room again: the rows kept aside go in
+    await again.ready(http)
+    rows = json.loads(await (await http.get(again.url + "/api/requests?limit=500")).content())["requests"]
+    assert len(rows) == answered

@@ -11,6 +11,7 @@ import genai_prices
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from greyfox._cachekey import cache_key
@@ -206,6 +207,20 @@ async def test_a_stream_past_the_daily_limit_is_cut_off_with_an_anthropic_error_
     assert b"message_stop" not in body
     [row] = await rows(http, proxy)
     assert row["error"] == "cut_off: daily_token_limit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_identical_streams_in_flight_are_coalesced_into_one_upstream_call(start_proxy, http):
+    proxy = await start_proxy()
+    proxy.upstream.delay = 0.2
+    url = proxy.url + "/v1/messages"
+    body = dict(MESSAGE, stream=True)
+    answers = await DeferredList([Deferred.fromCoroutine(post_json(http, url, body, {"anthropic-beta": "prompt-caching-2024-07-31"}))
+                                  for _ in range(5)])
+    assert [b for _, (r, b) in answers] == [b"".join(fakeupstream.anthropic_events(MODEL))] * 5
+    assert sorted(r.headers.getRawHeaders(b"x-greyfox-cache")[0] for _, (r, _) in answers) == [b"HIT"] * 4 + [b"MISS"]
+    [sent] = proxy.upstream.received
+    assert sent.header("anthropic-beta") == "prompt-caching-2024-07-31"  # the client's, passed on
 
 
 def test_the_loop_breaker_sees_the_system_prompt_and_first_user_message():

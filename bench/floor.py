@@ -18,7 +18,8 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone, ResponseNeverReceived
@@ -90,8 +91,8 @@ class Floor:
                 request.method.decode(), self.upstream + request.uri.decode()[3:], headers=headers,
                 data=request.content.read(), unbuffered=True, allow_redirects=False,
             )
-        except ResponseNeverReceived:
-            if request.channel is None:  # the client left (wrk ends a turn mid-request)
+        except (ResponseNeverReceived, ConnectingCancelledError, CancelledError):
+            if request.channel is None:  # the client left (wrk ends a turn mid-request): the call was cancelled
                 return b""
             raise
         request.setResponseCode(response.code)

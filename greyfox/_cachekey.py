@@ -3,7 +3,7 @@
 
 A key is SHA-256 over the upstream name, the path and the canonical JSON of
 the body as sent upstream (sorted keys, no insignificant whitespace,
-``stream_options`` left out: it only changes whether a usage chunk is shown).
+:data:`IGNORED_FIELDS` left out).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any
 #: The scope of entries bought with GreyFox's own upstream key.
 SHARED = "shared"
 
-#: Body fields that cannot change the answer and so never split entries.
-IGNORED_FIELDS = frozenset({"stream_options"})
+#: Body fields that cannot change the answer and so never split entries:
+#: whether a stream ends with a usage chunk, and whether OpenRouter reports
+#: its cost in the usage (GreyFox asks for it when the client did not).
+IGNORED_FIELDS = frozenset({"stream_options", "usage"})
 
 
 #: One encoder, made once: json.dumps builds a new one per call when given options.
@@ -31,7 +33,7 @@ def canonical_json(doc: Any) -> bytes:
 def canonical_request(body: dict[str, Any]) -> bytes:
     """The request as the key sees it: canonical JSON without the ignored fields.
     Cache entries and cassettes keep it, to explain a later miss."""
-    kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS} if "stream_options" in body else body
+    kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS} if "stream_options" in body or "usage" in body else body
     return canonical_json(kept)
 
 

@@ -71,12 +71,13 @@ def test_any_changed_value_changes_the_key(body, data):
     assert cache_key("openai", "/chat/completions", body) != cache_key("openai", "/chat/completions", changed)
 
 
-def test_key_covers_upstream_and_path_but_not_stream_options():
+def test_key_covers_upstream_and_path_but_not_stream_options_or_usage_accounting():
     body = dict(CHAT, stream=True)
     key = cache_key("openai", "/chat/completions", body)
     assert key != cache_key("deepseek", "/chat/completions", body)
     assert key != cache_key("openai", "/completions", body)
     assert key == cache_key("openai", "/chat/completions", dict(body, stream_options={"include_usage": True}))
+    assert key == cache_key("openai", "/chat/completions", dict(body, usage={"include": True}))  # (OpenRouter's)
 
 
 def test_credential_fingerprint_is_keyed_and_hides_the_credential():

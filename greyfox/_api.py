@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from . import __version__
 from . import _errors as errors, _json
 from ._cache import Cache, CacheStats
+from ._engines import engine_for
 from ._config import Settings
 from ._quota import Overrides, Quotas
 from ._proxy import valid_user
@@ -161,11 +162,13 @@ class Api:
         return out
 
     def status(self) -> Result:
-        db = self.settings.db
-        try:
-            size = os.path.getsize(db)
-        except OSError:
-            size = None
+        engine = engine_for(self.settings.db)
+        size = None
+        if engine.name == "sqlite":
+            try:
+                size = os.path.getsize(engine.location)
+            except OSError:
+                pass
         return 200, {
             "version": __version__,
             "uptime_s": round(self.seconds() - self.started, 3),
@@ -175,7 +178,8 @@ class Api:
                 {"name": u.name, "base_url": u.base_url, "key_configured": u.has_key}
                 for u in self.settings.upstreams.values()
             ],
-            "db": {"path": os.path.abspath(db), "size_bytes": size},
+            "db": {"engine": engine.name, "path": os.path.abspath(engine.location) if engine.name == "sqlite" else engine.shown(),
+                   "size_bytes": size},
             "ledger": {
                 "pending_rows": self.ledger.pending,
                 "written_rows": self.ledger.written,

@@ -14,7 +14,6 @@ import base64
 import json
 import operator
 import os
-import sqlite3
 import zlib
 from collections import OrderedDict
 from itertools import islice
@@ -115,7 +114,6 @@ class Body:
 # -- SQL, run in the pool's thread --
 
 
-_INSERT = f"INSERT OR REPLACE INTO cache ({', '.join(_COLUMNS)}, body, request) VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
 _SIZE = _COLUMNS.index("size")
 
 
@@ -145,7 +143,7 @@ def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes, bytes | 
         sizes.append(len(blob))
         packed = pack_body(request) if request is not None else None
         rows.append(row[:_SIZE] + (len(blob),) + row[_SIZE + 1 :] + (blob, packed))
-    txn.executemany(_INSERT, rows)
+    txn.executemany(txn.engine.upsert("cache", _COLUMNS + ("body", "request"), ("key", "scope")), rows)
     return sizes
 
 
@@ -212,27 +210,28 @@ class CacheStats:
             self.misses += 1
 
 
-def load_stats(conn: sqlite3.Connection) -> CacheStats:
+def load_stats(conn: Any) -> CacheStats:
     row = conn.execute(
-        "SELECT COALESCE(SUM(cache = 'HIT'), 0), COALESCE(SUM(cache IN ('MISS', 'REFRESH')), 0), "
+        "SELECT COALESCE(SUM(CASE WHEN cache = 'HIT' THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN cache IN ('MISS', 'REFRESH') THEN 1 ELSE 0 END), 0), "
         "COALESCE(SUM(saved_tokens), 0), COALESCE(SUM(saved_usd), 0) FROM ledger"
     ).fetchone()
-    return CacheStats(*row)
+    return CacheStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]))  # (PostgreSQL sums in Decimal)
 
 
-def load_index(conn: sqlite3.Connection) -> list[CacheEntry]:
+def load_index(conn: Any) -> list[CacheEntry]:
     """Every entry's metadata, least recently used first (start-up, synchronous)."""
     rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache ORDER BY last_used").fetchall()
     return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in rows]
 
 
-def installation_secret(conn: sqlite3.Connection) -> bytes:
+def installation_secret(conn: Any) -> bytes:
     """The random key of credential fingerprints, created once per database."""
     row = conn.execute("SELECT value FROM meta WHERE name = 'fingerprint_secret'").fetchone()
     if row:
         return bytes.fromhex(row[0])
     secret = os.urandom(32)
-    with conn:
+    with conn.transaction():
         conn.execute("INSERT INTO meta (name, value) VALUES ('fingerprint_secret', ?)", (secret.hex(),))
     return secret
 
@@ -458,7 +457,7 @@ def _hot_size(body: Body) -> int:
 # -- cassettes: JSON Lines, no credentials; used by the command line, synchronously --
 
 
-def export_lines(conn: sqlite3.Connection, include_private: bool = False) -> Iterator[str]:
+def export_lines(conn: Any, include_private: bool = False) -> Iterator[str]:
     """One JSON line per entry, sorted by key, fields sorted: a re-recorded
     cassette diffs line by line.  Entries bought with a client's own credential
     are left out unless ``include_private`` (they are then written as shared,
@@ -553,9 +552,9 @@ def _parse_line(number: int, line: str) -> tuple[CacheEntry, bytes, bytes | None
     return entry, data, request
 
 
-def import_lines(conn: sqlite3.Connection, lines: Iterable[str]) -> int:
+def import_lines(conn: Any, lines: Iterable[str]) -> int:
     """Validate every line, then insert all of them in one transaction (or none)."""
     parsed = [_parse_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    with conn:
+    with conn.transaction():
         _store_many_txn(conn.cursor(), [(entry.row(), data, request) for entry, data, request in parsed])
     return len(parsed)

@@ -13,7 +13,6 @@ import json
 import math
 import operator
 import os
-import sqlite3
 from typing import Any, Callable, Sequence
 
 import attr
@@ -21,6 +20,8 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from ._engines import Connection, Cursor, engine_for, quoted
 
 log = Logger()
 
@@ -104,28 +105,104 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _pragmas(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA foreign_keys=ON")
+#: The schema of :data:`SCHEMA_VERSION` on PostgreSQL, created whole: no
+#: PostgreSQL database predates it.  (A later migration gives the SQL of each engine.)
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE ledger (
+        id BIGINT PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        day TEXT NOT NULL,
+        "user" TEXT NOT NULL,
+        upstream TEXT,
+        model TEXT,
+        endpoint TEXT NOT NULL,
+        stream BIGINT NOT NULL DEFAULT 0,
+        status BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        total_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE PRECISION,
+        cache TEXT NOT NULL DEFAULT 'NONE',
+        saved_tokens BIGINT NOT NULL DEFAULT 0,
+        saved_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+        latency_ms DOUBLE PRECISION,
+        ttfb_ms DOUBLE PRECISION,
+        usage_source TEXT NOT NULL DEFAULT 'none',
+        error TEXT,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_source TEXT
+    )""",
+    "CREATE INDEX ledger_day ON ledger (day)",
+    "CREATE INDEX ledger_ts ON ledger (ts)",
+    'CREATE INDEX ledger_user_day ON ledger ("user", day)',
+    """CREATE TABLE cache (
+        key TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        path TEXT NOT NULL,
+        model TEXT,
+        stream BIGINT NOT NULL,
+        status BIGINT NOT NULL,
+        content_type TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        last_used DOUBLE PRECISION NOT NULL,
+        size BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE PRECISION,
+        body BYTEA NOT NULL,
+        request BYTEA,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+        cost_source TEXT,
+        PRIMARY KEY (key, scope)
+    )""",
+    "CREATE INDEX cache_last_used ON cache (last_used)",
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE quota_overrides (
+        "user" TEXT PRIMARY KEY,
+        daily_tokens BIGINT,
+        rpm BIGINT,
+        tpm BIGINT
+    )""",
+)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to :data:`SCHEMA_VERSION`; return the version found."""
-    found = conn.execute("PRAGMA user_version").fetchone()[0]
-    if found > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema v{found} is newer than this GreyFox (v{SCHEMA_VERSION})")
-    for version in range(found, SCHEMA_VERSION):
-        with conn:
-            for statement in MIGRATIONS[version]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={version + 1}")
+def migrate(conn: Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return the version found.
+    Several instances may start on one PostgreSQL at once: one migrates, under
+    a lock, and the others find the schema done."""
+    engine = conn.engine
+    with engine.migration_lock(conn.raw):
+        with conn.transaction():
+            found = engine.schema_version(conn.raw)
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema v{found} is newer than this GreyFox (v{SCHEMA_VERSION})")
+        if engine.name == "postgresql":
+            if found < SCHEMA_VERSION:
+                with conn.transaction():
+                    for statement in POSTGRES_SCHEMA:
+                        conn.execute(statement)
+                    engine.set_schema_version(conn.raw, SCHEMA_VERSION)
+            return found
+        for version in range(found, SCHEMA_VERSION):
+            with conn.transaction():
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                engine.set_schema_version(conn.raw, version + 1)
     return found
 
 
-def spill_path(db_path: str) -> str:
-    return db_path + ".unsaved.jsonl"
+def spill_path(db: str) -> str:
+    """The side file of rows the database would not take: beside a SQLite file,
+    in ``./data`` for PostgreSQL."""
+    engine = engine_for(db)
+    if engine.name == "sqlite":
+        return db + ".unsaved.jsonl"
+    return os.path.join(engine.local_dir, "greyfox-postgresql.unsaved.jsonl")
 
 
 def row_json(row: LedgerRow) -> str:
@@ -136,6 +213,7 @@ def row_json(row: LedgerRow) -> str:
 def spill(db_path: str, rows: Sequence[LedgerRow]) -> str:
     """Append rows the database would not take to a side file (at shutdown only)."""
     path = spill_path(db_path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:
             f.write(row_json(r) + "\n")
@@ -144,7 +222,7 @@ def spill(db_path: str, rows: Sequence[LedgerRow]) -> str:
     return path
 
 
-def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
+def _recover_spill(conn: Connection, db_path: str) -> int:
     """Insert the rows a previous run spilled, then remove the side file.
 
     Never stops a start: lines that are not rows, and rows the database
@@ -165,8 +243,8 @@ def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
                     rows.append(LedgerRow(**json.loads(line)))
                 except (ValueError, TypeError):
                     rejected.append(line.rstrip("\n"))
-        with conn:
-            refused = insert_rows_txn(conn, rows)
+        with conn.transaction():
+            refused = insert_rows_txn(conn.cursor(), rows)
         rejected += [row_json(row) for row, _ in refused]
         if rejected:
             with open(path + ".rejected", "a", encoding="utf-8") as f:
@@ -174,7 +252,7 @@ def _recover_spill(conn: sqlite3.Connection, db_path: str) -> int:
             log.warn("ledger: {n} lines of {path} are not rows it can store; kept in {path}.rejected",
                      n=len(rejected), path=path)
         os.remove(path)
-    except (OSError, sqlite3.Error) as e:  # (inserting again at the next start is harmless: INSERT OR REPLACE)
+    except (OSError, *conn.engine.trouble) as e:  # (inserting again at the next start is harmless: an upsert)
         log.warn("ledger: cannot insert the rows spilled by the last shutdown yet ({e}); {path} is kept for the next start",
                  e=e, path=path)
         return 0
@@ -206,13 +284,15 @@ class StartState:
     budget_override: float | None
 
 
-def open_database(path: str) -> sqlite3.Connection:
-    """A migrated connection (command line and start-up; synchronous)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(path)
-    _pragmas(conn)
-    migrate(conn)
+def open_database(db: str) -> Connection:
+    """A migrated connection to ``db`` (a SQLite path or a PostgreSQL URI;
+    command line and start-up; synchronous)."""
+    conn = Connection(engine_for(db))
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -227,9 +307,9 @@ def prepare_database(path: str) -> StartState:
     try:
         _recover_spill(conn, path)
         last_id = max(conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0], reserved_ids(conn))
-        with conn:
+        with conn.transaction():
             reserve_ids_txn(conn, last_id + ID_BLOCK)
-        overrides = {u: (d, r, t) for u, d, r, t in conn.execute("SELECT user, daily_tokens, rpm, tpm FROM quota_overrides")}
+        overrides = {u: (d, r, t) for u, d, r, t in conn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides')}
         budget = conn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'").fetchone()
         return StartState(
             last_id, load_index(conn), load_stats(conn), installation_secret(conn), overrides,
@@ -253,23 +333,33 @@ def reserved_ids(conn: Any) -> int:
 
 
 def reserve_ids_txn(txn: Any, end: int) -> None:
-    txn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('ids_reserved_to', ?)", (str(end),))
+    txn.execute(txn.engine.upsert("meta", ("name", "value"), ("name",)), ("ids_reserved_to", str(end)))
 
 
-def make_pool(path: str, reactor: Any = None) -> adbapi.ConnectionPool:
-    kwargs: dict[str, Any] = {}
-    if reactor is not None:
-        kwargs["cp_reactor"] = reactor
-    return adbapi.ConnectionPool(
-        "sqlite3",
-        path,
-        check_same_thread=False,
-        cp_min=1,
-        cp_max=1,
-        cp_openfun=_pragmas,
-        cp_noisy=False,
-        **kwargs,
-    )
+class Pool:
+    """An ``adbapi.ConnectionPool`` on the database's engine whose interactions
+    get a :class:`~greyfox._engines.Cursor` (GreyFox's SQL in the engine's dialect)."""
+
+    def __init__(self, db: str, reactor: Any = None) -> None:
+        self.engine = engine_for(db)
+        args, kwargs = self.engine.pool_arguments()
+        if reactor is not None:
+            kwargs["cp_reactor"] = reactor
+        self._pool = adbapi.ConnectionPool(self.engine.module, *args, cp_noisy=False, **kwargs)
+
+    def runInteraction(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return self._pool.runInteraction(_with_cursor, self.engine, f, *args)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _with_cursor(txn: Any, engine: Any, f: Callable[..., Any], *args: Any) -> Any:
+    return f(Cursor(txn, engine), *args)
+
+
+def make_pool(db: str, reactor: Any = None) -> Pool:
+    return Pool(db, reactor)
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -304,9 +394,14 @@ class LedgerRow:
 
 
 LEDGER_COLUMNS = tuple(a.name for a in attr.fields(LedgerRow))
-_INSERT = "INSERT OR REPLACE INTO ledger ({}) VALUES ({})".format(
-    ", ".join(LEDGER_COLUMNS), ", ".join("?" for _ in LEDGER_COLUMNS)
-)
+_INSERTS: dict[str, str] = {}  # engine name -> the ledger's upsert
+
+
+def _insert_sql(engine: Any) -> str:
+    sql = _INSERTS.get(engine.name)
+    if sql is None:
+        sql = _INSERTS[engine.name] = engine.upsert("ledger", LEDGER_COLUMNS, ("id",))
+    return sql
 
 
 #: A row's values in column order (``attr.astuple`` is generic and recursive: slow per row).
@@ -380,20 +475,31 @@ def insert_rows_txn(txn: Any, rows: Sequence[LedgerRow]) -> list[tuple[LedgerRow
     disk full, I/O) is the database's trouble, not a row's: it propagates and
     the whole batch waits for a retry.
     """
+    engine = txn.engine
+    insert, trouble = _insert_sql(engine), engine.trouble
+    # PostgreSQL aborts a transaction at its first error: each try gets a savepoint to return to.
+    savepoints = engine.name == "postgresql"
     try:
-        txn.executemany(_INSERT, [_row_values(r) for r in rows])
+        if savepoints:
+            txn.execute("SAVEPOINT batch")
+        txn.executemany(insert, [_row_values(r) for r in rows])
         return []
-    except sqlite3.OperationalError:
+    except trouble:
         raise
     except Exception:
-        pass
+        if savepoints:
+            txn.execute("ROLLBACK TO SAVEPOINT batch")
     refused = []
-    for r in rows:  # (rows before the bad one are in already: INSERT OR REPLACE writes them again)
+    for r in rows:  # (rows before the bad one may be in already: the upsert writes them again)
         try:
-            txn.execute(_INSERT, _row_values(storable(r)))
-        except sqlite3.OperationalError:
+            if savepoints:
+                txn.execute("SAVEPOINT one")
+            txn.execute(insert, _row_values(storable(r)))
+        except trouble:
             raise
         except Exception as e:
+            if savepoints:
+                txn.execute("ROLLBACK TO SAVEPOINT one")
             refused.append((r, f"{type(e).__name__}: {e}"))
     return refused
 
@@ -629,8 +735,8 @@ _SUMS = """
     SUM(CASE WHEN cache = 'HIT' THEN 0 ELSE reasoning_tokens END)
 """
 
-GROUPS = {"user": "user", "model": "model", "day": "day", "upstream": "upstream", "hour": None}
-SPLITS = {"user": "user", "model": "model", "upstream": "upstream"}
+GROUPS = {"user": '"user"', "model": "model", "day": "day", "upstream": "upstream", "hour": None}
+SPLITS = {"user": '"user"', "model": "model", "upstream": "upstream"}
 
 
 def usage_txn(
@@ -640,7 +746,7 @@ def usage_txn(
 
     ``group="hour"`` buckets by local hour, using ``utc_offset`` seconds.
     """
-    column = GROUPS[group] or f"CAST((ts + {int(utc_offset)}) / 3600 AS INTEGER)"
+    column = GROUPS[group] or txn.engine.hour_of(f"ts + {int(utc_offset)}")
     select = column if split is None else f"{column}, {SPLITS[split]}"
     txn.execute(
         f"SELECT {select}, {_SUMS} FROM ledger WHERE ts >= ? AND ts < ? GROUP BY {select} ORDER BY {select}",
@@ -654,7 +760,10 @@ def usage_txn(
             key, sub, sums = record[0], record[1], record[2:]
         if group == "hour":
             key = _hour_label(key, utc_offset)
-        n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced, cached, written, reasoning = sums
+        # (PostgreSQL sums integers as numeric: Decimal, which JSON does not take)
+        n, prompt, completion, total, hits, saved_t, unpriced, cached, written, reasoning = (
+            int(v or 0) for v in (sums[0], sums[1], sums[2], sums[3], sums[5], sums[6], sums[8], sums[9], sums[10], sums[11]))
+        cost, saved_usd = float(sums[4] or 0), float(sums[7] or 0)
         row = {
             "key": key,
             "requests": n,
@@ -690,9 +799,9 @@ def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, An
         where.append("id < ?")
         args.append(before)
     for column, value in filters.items():
-        where.append(f"{column} = ?")
+        where.append(f'"{column}" = ?')
         args.append(value)
-    sql = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger"
+    sql = f"SELECT {quoted(LEDGER_COLUMNS)} FROM ledger"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id DESC LIMIT ?"
@@ -701,24 +810,24 @@ def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, An
     return [dict(zip(LEDGER_COLUMNS, row)) for row in txn.fetchall()]
 
 
-def day_totals(path: str, day: str) -> list[tuple[str, int, float]]:
+def day_totals(db: str, day: str) -> list[tuple[str, int, float]]:
     """(user, tokens, dollars) charged on ``day``: rebuilds the quota counters at start."""
-    conn = sqlite3.connect(path)
+    conn = Connection(engine_for(db))
     try:
-        return conn.execute(
-            "SELECT user, SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger "
-            "WHERE day = ? AND cache != 'HIT' GROUP BY user",
+        return [(user, int(tokens or 0), float(usd or 0)) for user, tokens, usd in conn.execute(
+            'SELECT "user", SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger '
+            "WHERE day = ? AND cache != 'HIT' GROUP BY \"user\"",
             (day,),
-        ).fetchall()
+        ).fetchall()]
     finally:
         conn.close()
 
 
 def set_override_txn(txn: Any, user: str, limits: tuple[int | None, int | None, int | None]) -> None:
     if all(v is None for v in limits):
-        txn.execute("DELETE FROM quota_overrides WHERE user = ?", (user,))
+        txn.execute('DELETE FROM quota_overrides WHERE "user" = ?', (user,))
     else:
-        txn.execute("INSERT OR REPLACE INTO quota_overrides (user, daily_tokens, rpm, tpm) VALUES (?, ?, ?, ?)",
+        txn.execute(txn.engine.upsert("quota_overrides", ("user", "daily_tokens", "rpm", "tpm"), ("user",)),
                     (user, *limits))
 
 
@@ -726,4 +835,4 @@ def set_budget_txn(txn: Any, usd: float | None) -> None:
     if usd is None:
         txn.execute("DELETE FROM meta WHERE name = 'daily_budget_usd'")
     else:
-        txn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('daily_budget_usd', ?)", (repr(usd),))
+        txn.execute(txn.engine.upsert("meta", ("name", "value"), ("name",)), ("daily_budget_usd", repr(usd)))

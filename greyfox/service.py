@@ -27,6 +27,7 @@ from ._app import GreyFoxApp
 from ._cache import Cache
 from ._collector import FullCollections
 from ._config import Settings
+from ._engines import engine_for
 from ._http import QuietSite, no_delay_listening
 from ._upstream import UpstreamClient
 from ._metrics import Metrics
@@ -168,7 +169,8 @@ class GreyFoxService(MultiService):
             max_bytes=int(settings.cache_max_mb * 1024 * 1024),
             read=self.readpool.runInteraction,
         )
-        self.encodings = Encodings(reactor, os.path.join(os.path.dirname(os.path.abspath(settings.db)), "tiktoken"))
+        self.engine = engine_for(settings.db)
+        self.encodings = Encodings(reactor, os.path.join(self.engine.local_dir, "tiktoken"))
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
         self.http = UpstreamClient(reactor, settings.connect_timeout)
         self.prices = PriceTable(settings.prices, base_urls={u.name: u.base_url for u in settings.upstreams.values()})
@@ -234,7 +236,8 @@ class GreyFoxService(MultiService):
             f"{u.name}={u.base_url}{'' if u.has_key else ' (no key: client credential passes through)'}"
             for u in s.upstreams.values()
         )
-        log.info("GreyFox starting: mode={mode}, db={db}, upstreams: {upstreams}", mode=s.mode, db=s.db, upstreams=upstreams)
+        log.info("GreyFox starting: mode={mode}, db={db}, upstreams: {upstreams}", mode=s.mode, db=self.engine.shown(),
+                 upstreams=upstreams)
         warning = s.exposure_warning()
         if warning:
             log.warn("{warning}", warning=warning)

@@ -113,8 +113,8 @@ def test_one_unstorable_row_does_not_hold_back_its_batch(tmp_path):
     with pytest.raises((UnicodeEncodeError, OverflowError, sqlite3.Error)):
         conn.executemany("INSERT INTO ledger (id, ts, day, user, endpoint, model, total_tokens) VALUES (?,?,?,?,?,?,?)",
                          [(r.id, r.ts, r.day, r.user, r.endpoint, r.model, r.total_tokens) for r in rows])
-    conn.rollback()
-    with conn:
+    conn.raw.rollback()
+    with conn.transaction():
         assert insert_rows_txn(conn, rows) == []
     stored = conn.execute("SELECT id, model, total_tokens, error FROM ledger ORDER BY id").fetchall()
     assert stored == [

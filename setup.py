@@ -30,6 +30,8 @@ setup(
         "genai-prices>=0.2.3",  # the price database: maintained, offline, historic and per-provider rates
     ],
     extras_require={
+        # GREYFOX_DB=postgresql://... (several instances on one database, SPEC 8)
+        "postgres": ["psycopg[binary]>=3.1"],
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
@@ -37,6 +39,7 @@ setup(
             "hypothesis>=6.100",
             "openai>=1.40",
             "anthropic>=0.40",
+            "psycopg[binary]>=3.1",  # the engine tests on PostgreSQL
             "playwright>=1.40",
         ],
     },

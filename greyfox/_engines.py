@@ -137,9 +137,11 @@ class PostgresEngine(Engine):
 
     def __init__(self, location: str) -> None:
         super().__init__(location)
-        import psycopg
-
-        self.trouble = (psycopg.OperationalError,)
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError("PostgreSQL needs psycopg: pip install 'greyfox[postgres]'") from None
+        self.trouble = (psycopg.OperationalError, psycopg.InterfaceError)
 
     def shown(self) -> str:
         parts = urlsplit(self.location)

@@ -431,7 +431,9 @@ def _storable_value(name: str, value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates, from a JSON escape such as "\\ud800"
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        if "\x00" in value:  # (PostgreSQL's text holds no NUL)
+            value = value.replace("\x00", "\\x00")
         return value
     return str(value)
 

@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 port 0; nothing leaves the machine.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, AsyncIterator
 
 import attr
@@ -87,14 +88,57 @@ def proxy_env(upstream_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+#: A PostgreSQL server the tests may create databases on (``.ci/run`` starts a throwaway one).
+POSTGRES = os.environ.get("GREYFOX_TEST_POSTGRES")
+#: Modules whose tests run on every engine: storage, quotas, the API and the cache.
+ENGINE_MODULES = {"tests.test_store", "tests.test_ledger", "tests.test_quota", "tests.test_cache"}
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    """Tests of :data:`ENGINE_MODULES` that start a proxy run on SQLite and, when a
+    server is given, on PostgreSQL; ``sqlite_only`` ones (they open the file) on SQLite."""
+    if "start_proxy" not in metafunc.fixturenames and "database" not in metafunc.fixturenames:
+        return
+    engines = ["sqlite"]
+    if POSTGRES and metafunc.module.__name__ in ENGINE_MODULES and not metafunc.definition.get_closest_marker("sqlite_only"):
+        engines.append("postgresql")
+    metafunc.parametrize("engine", engines, indirect=True)
+
+
 @pytest.fixture
-def start_proxy(tmp_path: Any, upstream: fakeupstream.FakeUpstream) -> Any:
-    """``await start_proxy(GREYFOX_X="...")`` starts a GreyFox in this process."""
+def engine(request: Any) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database(engine: str, tmp_path: Any) -> Any:
+    """The GREYFOX_DB of a fresh database on ``engine``, dropped after the test."""
+    if engine == "sqlite":
+        yield str(tmp_path / "greyfox.db")
+        return
+    import uuid
+
+    import psycopg
+
+    name = "greyfox_test_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Any, upstream: fakeupstream.FakeUpstream, database: str, engine: str) -> Any:
+    """``await start_proxy(GREYFOX_X="...")`` starts a GreyFox in this process, on
+    the test's :func:`database` unless ``db`` names a SQLite file of its own."""
     started: list[Running] = []
 
     async def start(options: dict[str, Any] | None = None, db: str | None = None, **env: str) -> Running:
+        if db is not None and engine == "postgresql":
+            pytest.skip("uses a SQLite file of its own")
         environ = proxy_env(upstream.url, **env)
-        opts = {"listen": "tcp:0:interface=127.0.0.1", "db": db or str(tmp_path / "greyfox.db")}
+        opts = {"listen": "tcp:0:interface=127.0.0.1", "db": db or database}
         opts.update(options or {})
         settings = load_settings(opts, environ)
         service = GreyFoxService(settings, global_reactor)

@@ -105,6 +105,25 @@ def test_storable_replaces_what_sqlite_refuses_and_says_so():
     assert storable(fine) is fine
 
 
+def test_unstorable_rows_are_stored_flagged_on_every_engine(database):
+    conn = open_database(database)
+    rows = [LedgerRow(id=i, ts=1.0, day="d", user="u", endpoint="/v1/x", total_tokens=1) for i in (1, 2, 3, 4)]
+    rows[1].model = "\ud800"
+    rows[2].total_tokens = 18446744073709551616
+    rows[3].user = "nul\x00user"
+    with conn.transaction():
+        assert insert_rows_txn(conn, rows) == []
+    stored = conn.execute('SELECT id, model, total_tokens, "user", error FROM ledger ORDER BY id').fetchall()
+    conn.close()
+    assert [tuple(r) for r in stored] == [
+        (1, None, 1, "u", None),
+        (2, "\\ud800", 1, "u", "unstorable values replaced: model"),
+        (3, None, 2**63 - 1, "u", "unstorable values replaced: total_tokens"),
+        (4, None, 1, "nul\\x00user", "unstorable values replaced: user"),  # (PostgreSQL's text holds no NUL)
+    ]
+
+
+@pytest.mark.sqlite_only
 def test_one_unstorable_row_does_not_hold_back_its_batch(tmp_path):
     conn = open_database(str(tmp_path / "l.db"))
     rows = [LedgerRow(id=i, ts=1.0, day="d", user="u", endpoint="/v1/x", total_tokens=1) for i in (1, 2, 3)]

@@ -19,8 +19,13 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-#: Any advisory lock id will do, as long as every GreyFox uses the same one.
+#: Any advisory lock ids will do, as long as every GreyFox uses the same ones.
 MIGRATION_LOCK = 0x6772_6579_666F  # "greyfo"
+INSTANCE_LOCK = MIGRATION_LOCK + 1
+
+
+class InUse(RuntimeError):
+    """Another GreyFox runs on this database."""
 
 
 class Engine:
@@ -202,6 +207,19 @@ class PostgresEngine(Engine):
     def transaction(self, conn: Any) -> Iterator[None]:
         with conn.transaction():
             yield
+
+    def claim(self) -> Any:
+        """Hold this database for one instance: a connection holding a session lock,
+        to be closed at stop.  Instances do not share a database yet (their
+        request ids, cache index and limits are their own), so a second one is
+        refused rather than let it hand out the first one's ids."""
+        conn = self.connect()
+        conn.autocommit = True
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()[0]:
+            conn.close()
+            raise InUse("another GreyFox runs on this database; several instances on one PostgreSQL "
+                        "are not supported yet")
+        return conn
 
 
 def engine_for(location: str) -> Engine:

@@ -153,6 +153,9 @@ class GreyFoxService(MultiService):
             reactor = global_reactor
         self.settings = settings
         self.reactor = reactor
+        self.engine = engine_for(settings.db)
+        #: PostgreSQL: the connection that holds the database for this instance (see PostgresEngine.claim).
+        self._claim = self.engine.claim() if self.engine.name == "postgresql" else None
         state = prepare_database(settings.db)
         self.dbpool = make_pool(settings.db, reactor)
         # Reads on a connection of their own (SQLite's WAL lets them run beside
@@ -169,7 +172,6 @@ class GreyFoxService(MultiService):
             max_bytes=int(settings.cache_max_mb * 1024 * 1024),
             read=self.readpool.runInteraction,
         )
-        self.engine = engine_for(settings.db)
         self.encodings = Encodings(reactor, os.path.join(self.engine.local_dir, "tiktoken"))
         self.metrics = Metrics(lambda: self.ledger.pending, lambda: self.ledger.degraded is not None)
         self.http = UpstreamClient(reactor, settings.connect_timeout)
@@ -294,6 +296,8 @@ class GreyFoxService(MultiService):
         yield self.http.close()
         self.dbpool.close()
         self.readpool.close()
+        if self._claim is not None:
+            self._claim.close()
 
     @defer.inlineCallbacks
     def _wait_while(self, busy: Callable[[], bool]) -> Any:

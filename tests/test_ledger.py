@@ -517,3 +517,18 @@ async def test_rows_spilled_in_an_outage_reach_the_database_when_it_is_back(star
     ledger._run = working
     await eventually(lambda: ledger.pending == 0 and not (tmp_path / "outage.db.unsaved.jsonl").exists(), timeout=15)
     assert len(await rows(http, proxy)) == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_instance_on_one_postgresql_database_is_refused_until_the_first_stops(start_proxy, http, engine):
+    if engine != "postgresql":
+        pytest.skip("a SQLite file has one instance by nature")
+    from greyfox._engines import InUse
+
+    first = await start_proxy()
+    with pytest.raises(InUse, match="another GreyFox runs on this database"):
+        await start_proxy()
+    await first.stop()
+    second = await start_proxy()
+    response, _ = await post_json(http, second.v1 + "/chat/completions", CHAT)
+    assert response.code == 200

@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_cache -*-
-"""``greyfox cache export|import FILE`` (cassettes) and ``greyfox ci -- CMD`` (see :mod:`greyfox._ci`).
+"""``greyfox cache export|import FILE`` (cassettes), ``greyfox ci -- CMD`` (see :mod:`greyfox._ci`) and
+``greyfox db copy`` (see :mod:`greyfox._copy`).
 
 A team records answers locally, exports them as JSON Lines (no credentials),
 commits the file, and CI imports it and runs with ``GREYFOX_MODE=replay``.
@@ -56,7 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ci.add_argument("--budget-usd", type=_budget, help="fail the run when its recorded spend exceeds this")
     ci.add_argument("--report", help="also write the summary as Markdown to this file")
     ci.add_argument("run", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    db = commands.add_parser("db", help="move a database between SQLite and PostgreSQL").add_subparsers(
+        dest="action", required=True)
+    copy = db.add_parser("copy", help="copy ledger, cache and limits from SRC to DST (SQLite paths or postgresql:// URIs)",
+                         description="Copies in batches with upserts: running it again gives the same target. "
+                                     "Stop GreyFox on both databases first.")
+    copy.add_argument("--from", dest="source", required=True, metavar="SRC")
+    copy.add_argument("--to", dest="target", required=True, metavar="DST")
+    copy.add_argument("--append", action="store_true", help="copy into a target that holds rows already")
     args = parser.parse_args(argv)
+    if args.command == "db":
+        return _copy(args.source, args.target, args.append)
     if args.command == "ci":
         command = args.run[1:] if args.run[:1] == ["--"] else args.run
         if not command:
@@ -94,6 +105,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imported {n} entries from {args.file}", file=sys.stderr)
     finally:
         conn.close()
+    return 0
+
+
+def _copy(source: str, target: str, append: bool) -> int:
+    from ._copy import CopyRefused, copy_database
+    from ._engines import engine_for
+
+    def progress(table: str, done: int, total: int) -> None:
+        sys.stderr.write(f"\r{table}: {done}/{total} rows" + ("\n" if done >= total else ""))
+        sys.stderr.flush()
+
+    try:
+        copied = copy_database(source, target, append, progress)
+    except CopyRefused as e:
+        print(f"greyfox db copy: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a database that cannot be opened or written: one line, no traceback
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"greyfox db copy: {type(e).__name__}: {reason}", file=sys.stderr)
+        return 2
+    shown = ", ".join(f"{n} {table}" for table, n in copied.items())
+    print(f"copied {shown} rows from {engine_for(source).shown()} to {engine_for(target).shown()}", file=sys.stderr)
     return 0
 
 

@@ -174,7 +174,10 @@ class PostgresEngine(Engine):
     def connect(self) -> Any:
         import psycopg
 
-        return psycopg.connect(self.location)
+        # Autocommit: a statement outside a transaction() block is its own
+        # transaction, and transaction() is a real one, not a savepoint in an
+        # implicit transaction that closing the connection would roll back.
+        return psycopg.connect(self.location, autocommit=True)
 
     def pool_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self.location,), {"cp_min": 1, "cp_max": 1}
@@ -196,12 +199,10 @@ class PostgresEngine(Engine):
     def migration_lock(self, conn: Any) -> Iterator[None]:
         """Several instances may start at once: one migrates, the others wait for it."""
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-        conn.commit()
         try:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
-            conn.commit()
 
     @contextmanager
     def transaction(self, conn: Any) -> Iterator[None]:
@@ -214,7 +215,6 @@ class PostgresEngine(Engine):
         request ids, cache index and limits are their own), so a second one is
         refused rather than let it hand out the first one's ids."""
         conn = self.connect()
-        conn.autocommit = True
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()[0]:
             conn.close()
             raise InUse("another GreyFox runs on this database; several instances on one PostgreSQL "

@@ -160,12 +160,12 @@ def test_a_spill_file_with_bad_lines_never_stops_a_start(tmp_path):
 # -- request ids are never reused --
 
 
-def test_a_start_after_a_hard_kill_continues_past_every_id_handed_out(tmp_path):
-    db = str(tmp_path / "ids.db")
-    first = prepare_database(db)
+def test_a_start_after_a_hard_kill_continues_past_every_id_handed_out_and_keeps_its_secret(database):
+    first = prepare_database(database)
     # The process handed out ids up to first.last_id + 1,000 and was killed before writing any row.
-    second = prepare_database(db)
+    second = prepare_database(database)
     assert second.last_id >= first.last_id + ID_BLOCK > first.last_id + 1_000
+    assert second.secret == first.secret  # (entries bought with a client's credential stay readable)
 
 
 def test_the_ledger_records_a_new_id_range_before_the_old_one_runs_out():

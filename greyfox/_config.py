@@ -144,6 +144,7 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("read_timeout", "GREYFOX_READ_TIMEOUT", _positive(_float), 600.0, "upstream response-headers timeout (s)"),
     _Spec("stream_idle_timeout", "GREYFOX_STREAM_IDLE_TIMEOUT", _positive(_float), 300.0, "upstream stream idle timeout (s)"),
     _Spec("default_max_tokens", "GREYFOX_DEFAULT_MAX_TOKENS", _int, 4096, "completion tokens assumed when a request sets no max_tokens"),
+    _Spec("instance", "GREYFOX_INSTANCE", _optional_str, None, "this instance's name in the ledger (default: host name and port)"),
 )
 
 # Built-in upstreams: name -> (key env, base URL env, default base URL, API).
@@ -181,6 +182,7 @@ class Settings:
     read_timeout: float = 600.0
     stream_idle_timeout: float = 300.0
     default_max_tokens: int = 4096
+    instance: str | None = None
     upstreams: Mapping[str, Upstream] = attr.Factory(dict)
     default_upstream: str = "openai"
     prices: Mapping[str, Mapping[str, float]] = attr.Factory(dict)

@@ -192,6 +192,7 @@ class PostgresEngine(Engine):
         return int(row[0]) if row else 0
 
     def set_schema_version(self, conn: Any, version: int) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (int(version),))
 

@@ -186,6 +186,8 @@ class Proxy:
         self.load_encodings = load_encodings
         self.on_count_difference = on_count_difference
         self.on_replay_miss = on_replay_miss
+        #: This instance's name in its ledger rows (the service names it once it listens, if the settings do not).
+        self.instance: str | None = settings.instance
         #: Requests not answered yet: their Deferreds (see :meth:`handle`), and
         #: their calls by id (``/api/inflight``).
         self.in_flight: set[Deferred[Any]] = set()
@@ -743,6 +745,7 @@ class Proxy:
             ttfb_ms=round(((call.first_byte or now) - call.started) * 1000, 3),
             usage_source=call.usage_source,
             error=call.error,
+            instance=self.instance,
         )
         self.ledger.record(row)
         self.on_settle(call, row)

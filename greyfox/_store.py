@@ -100,13 +100,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE cache ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE cache ADD COLUMN cost_source TEXT",
     ),
+    # The instance that served each request (SPEC §8).
+    ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-#: The schema of :data:`SCHEMA_VERSION` on PostgreSQL, created whole: no
-#: PostgreSQL database predates it.  (A later migration gives the SQL of each engine.)
+#: The schema of version :data:`POSTGRES_BASE` on PostgreSQL, created whole (no
+#: PostgreSQL database predates it); :data:`POSTGRES_MIGRATIONS` go on from there.
+POSTGRES_BASE = 5
 POSTGRES_SCHEMA: tuple[str, ...] = (
     """CREATE TABLE ledger (
         id BIGINT PRIMARY KEY,
@@ -169,6 +172,10 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
         tpm BIGINT
     )""",
 )
+#: PostgreSQL's SQL of each migration past :data:`POSTGRES_BASE`, by the version it starts from.
+POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    5: ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
+}
 
 
 def migrate(conn: Connection) -> int:
@@ -181,16 +188,17 @@ def migrate(conn: Connection) -> int:
             found = engine.schema_version(conn.raw)
         if found > SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{found} is newer than this GreyFox (v{SCHEMA_VERSION})")
-        if engine.name == "postgresql":
-            if found < SCHEMA_VERSION:
-                with conn.transaction():
-                    for statement in POSTGRES_SCHEMA:
-                        conn.execute(statement)
-                    engine.set_schema_version(conn.raw, SCHEMA_VERSION)
-            return found
-        for version in range(found, SCHEMA_VERSION):
+        version = found
+        if engine.name == "postgresql" and version < POSTGRES_BASE:
             with conn.transaction():
-                for statement in MIGRATIONS[version]:
+                for statement in POSTGRES_SCHEMA:
+                    conn.execute(statement)
+                engine.set_schema_version(conn.raw, POSTGRES_BASE)
+            version = POSTGRES_BASE
+        steps = POSTGRES_MIGRATIONS if engine.name == "postgresql" else dict(enumerate(MIGRATIONS))
+        for version in range(version, SCHEMA_VERSION):
+            with conn.transaction():
+                for statement in steps[version]:
                     conn.execute(statement)
                 engine.set_schema_version(conn.raw, version + 1)
     return found
@@ -391,6 +399,8 @@ class LedgerRow:
     ttfb_ms: float | None = None
     usage_source: str = "none"
     error: str | None = None
+    #: The GreyFox that served it (``GREYFOX_INSTANCE``; the host name and port by default).
+    instance: str | None = None
 
 
 LEDGER_COLUMNS = tuple(a.name for a in attr.fields(LedgerRow))
@@ -411,7 +421,7 @@ _row_values = operator.attrgetter(*LEDGER_COLUMNS)
 #: SQLite's INTEGER range.
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 #: Columns that may hold NULL; any other takes its default when a value cannot be stored.
-_NULLABLE = frozenset({"upstream", "model", "cost_usd", "cost_source", "latency_ms", "ttfb_ms", "error"})
+_NULLABLE = frozenset({"upstream", "model", "cost_usd", "cost_source", "latency_ms", "ttfb_ms", "error", "instance"})
 _DEFAULTS = {a.name: a.default for a in attr.fields(LedgerRow) if a.default is not attr.NOTHING}
 
 

@@ -74,6 +74,15 @@ class _Listener(Service):
         return None
 
 
+def instance_name(port: Any) -> str:
+    """The default ``GREYFOX_INSTANCE``: this host's name and the port it listens on."""
+    import socket
+
+    address = port.getHost() if port is not None else None
+    where = getattr(address, "port", None) or getattr(address, "name", None) or "?"
+    return f"{socket.gethostname()}:{where}"
+
+
 def in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
     """``f(*args)`` in the reactor's thread pool: work that must not hold up the reactor."""
     return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -250,6 +259,8 @@ class GreyFoxService(MultiService):
         gc.collect()
         gc.freeze()
         super().startService()
+        if self.proxy.instance is None:
+            self.proxy.instance = instance_name(self.port)
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
 

@@ -532,3 +532,17 @@ async def test_a_second_instance_on_one_postgresql_database_is_refused_until_the
     second = await start_proxy()
     response, _ = await post_json(http, second.v1 + "/chat/completions", CHAT)
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_row_names_the_instance_that_served_it(start_proxy, http):
+    import socket
+
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    [row] = await rows(http, proxy)
+    assert row["instance"] == f"{socket.gethostname()}:{proxy.service.port.getHost().port}"
+    await proxy.stop()
+    named = await start_proxy(GREYFOX_INSTANCE="gf-east-1")
+    await post_json(http, named.v1 + "/chat/completions", dict(CHAT, seed=1))
+    assert [r["instance"] for r in await rows(http, named)] == ["gf-east-1", row["instance"]]

@@ -198,3 +198,23 @@ def test_rows_past_the_memory_bound_go_to_the_side_file_while_the_database_is_do
     db.broken = False
     clock.advance(10)
     assert ledger.pending == 0 and [r.id for r in db.batches[0]] == list(range(21, 26))
+
+
+def test_a_database_of_an_older_schema_is_migrated_on_every_engine(database):
+    from greyfox import _engines, _store
+
+    engine = _engines.engine_for(database)
+    conn = _engines.Connection(engine)
+    old = 5
+    with conn.transaction():
+        statements = _store.POSTGRES_SCHEMA if engine.name == "postgresql" else [
+            s for step in _store.MIGRATIONS[:old] for s in step]
+        for statement in statements:
+            conn.execute(statement)
+        engine.set_schema_version(conn.raw, old)
+        conn.execute('INSERT INTO ledger (id, ts, day, "user", endpoint, status) VALUES (7, 1.0, \'d\', \'u\', \'/v1/x\', 200)')
+    conn.close()
+    conn = open_database(database)
+    assert [tuple(r) for r in conn.execute("SELECT id, instance FROM ledger").fetchall()] == [(7, None)]
+    assert engine.schema_version(conn.raw) == _store.SCHEMA_VERSION
+    conn.close()

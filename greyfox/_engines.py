@@ -180,7 +180,8 @@ class PostgresEngine(Engine):
         return psycopg.connect(self.location, autocommit=True)
 
     def pool_arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (self.location,), {"cp_min": 1, "cp_max": 1}
+        # cp_reconnect: a connection the server dropped is replaced, not used (and failed on) for ever.
+        return (self.location,), {"cp_min": 1, "cp_max": 1, "cp_reconnect": True}
 
     def values(self, args: Sequence[Any]) -> Sequence[Any]:
         # (a Python bool is PostgreSQL's boolean, which an integer column refuses)

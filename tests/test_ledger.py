@@ -546,3 +546,27 @@ async def test_every_row_names_the_instance_that_served_it(start_proxy, http):
     named = await start_proxy(GREYFOX_INSTANCE="gf-east-1")
     await post_json(http, named.v1 + "/chat/completions", dict(CHAT, seed=1))
     assert [r["instance"] for r in await rows(http, named)] == ["gf-east-1", row["instance"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_losing_the_postgresql_connection_keeps_serving_and_loses_no_row(start_proxy, http, database, engine,
+                                                                              observe_errors):
+    if engine != "postgresql":
+        pytest.skip("a lost server connection is PostgreSQL's")
+    import psycopg
+
+    from .conftest import POSTGRES
+
+    proxy = await start_proxy()
+    await post_json(http, proxy.v1 + "/chat/completions", CHAT)
+    await eventually(lambda: proxy.service.ledger.written == 1)
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:  # the server drops every connection of the database
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (database.rsplit("/", 1)[1],))
+    for i in range(5):
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", dict(CHAT, seed=i))
+        assert response.code == 200  # served whatever the database says
+    await eventually(lambda: proxy.service.ledger.pending == 0 and proxy.service.ledger.written == 6, timeout=20)
+    assert sorted((r["id"], r["status"]) for r in await rows(http, proxy)) == [(i, 200) for i in range(1, 7)]
+    # (adbapi logs the lost connection it replaces; nothing else may be logged as an error)
+    observe_errors[:] = [e for e in observe_errors if e.get("why") != "Rollback failed"]

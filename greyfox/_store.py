@@ -314,9 +314,9 @@ def prepare_database(path: str) -> StartState:
     conn = open_database(path)
     try:
         _recover_spill(conn, path)
-        last_id = max(conn.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0], reserved_ids(conn))
         with conn.transaction():
-            reserve_ids_txn(conn, last_id + ID_BLOCK)
+            end = claim_ids_txn(conn, ID_BLOCK)
+        last_id = end - ID_BLOCK
         overrides = {u: (d, r, t) for u, d, r, t in conn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides')}
         budget = conn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'").fetchone()
         return StartState(
@@ -340,8 +340,27 @@ def reserved_ids(conn: Any) -> int:
     return int(found[0]) if found else 0
 
 
-def reserve_ids_txn(txn: Any, end: int) -> None:
-    txn.execute(txn.engine.upsert("meta", ("name", "value"), ("name",)), ("ids_reserved_to", str(end)))
+def claim_ids_txn(txn: Any, block: int) -> int:
+    """Claim the next ``block`` ids for this instance; the end of the block
+    (its ids are ``end - block + 1 .. end``).
+
+    One UPDATE moves the recorded end on: on PostgreSQL it locks the row, so
+    instances claiming at once get blocks one after the other, never the same.
+    A database that has no recorded end yet starts past its highest id.
+    """
+    # Writes first: SQLite then takes its write lock at once, and a second
+    # instance waits for it instead of failing to upgrade a stale read.
+    txn.execute("INSERT INTO meta (name, value) SELECT 'ids_reserved_to', CAST(COALESCE(MAX(id), 0) AS TEXT) "
+                "FROM ledger WHERE true ON CONFLICT (name) DO NOTHING")
+    txn.execute("UPDATE meta SET value = CAST(CAST(value AS BIGINT) + ? AS TEXT) WHERE name = 'ids_reserved_to'",
+                (block,))
+    return reserved_ids(txn)
+
+
+def release_ids_txn(txn: Any, last_id: int, end: int) -> None:
+    """At a clean stop, hand back the unused rest of this instance's block,
+    unless another instance claimed ids after it."""
+    txn.execute("UPDATE meta SET value = ? WHERE name = 'ids_reserved_to' AND value = ?", (str(last_id), str(end)))
 
 
 class Pool:
@@ -470,10 +489,8 @@ def storable(row: LedgerRow) -> LedgerRow:
     return attr.evolve(row, **changes)
 
 
-def write_batch_txn(txn: Any, rows: Sequence[LedgerRow], reserve_to: int = 0) -> list[tuple[LedgerRow, str]]:
-    """One ledger batch: its rows, and a new end of the id range when ``reserve_to``."""
-    if reserve_to:
-        reserve_ids_txn(txn, reserve_to)
+def write_batch_txn(txn: Any, rows: Sequence[LedgerRow]) -> list[tuple[LedgerRow, str]]:
+    """One ledger batch."""
     return insert_rows_txn(txn, rows)
 
 
@@ -541,8 +558,8 @@ class Ledger:
                  reserved_to: int | None = None,
                  spill: Callable[[list[LedgerRow]], Deferred[Any]] | None = None,
                  recover: Callable[[], Deferred[Any]] | None = None) -> None:
-        """:param reserved_to: the end of the id range the database has
-        recorded (see :data:`ID_BLOCK`); ``last_id + ID_BLOCK`` when not given.
+        """:param reserved_to: the end of the block of ids claimed for this
+        instance (see :func:`claim_ids_txn`); ``last_id + ID_BLOCK`` when not given.
         :param spill: writes rows to the side file, off the reactor thread
             (``None``: rows stay in memory however many).
         :param recover: inserts the side file's rows into the database and
@@ -556,8 +573,10 @@ class Ledger:
         self._run = run
         self._clock = clock
         self._last_id = last_id
-        self._reserved_to = last_id + ID_BLOCK if reserved_to is None else reserved_to
-        self._reserving = 0  # the end a batch being written records, if any
+        self._block_end = last_id + ID_BLOCK if reserved_to is None else reserved_to
+        #: The block claimed ahead (``(first, end)``), and whether a claim is running.
+        self._next_block: tuple[int, int] | None = None
+        self._claiming = False
         self._queue: list[LedgerRow] = []
         self._writing = False
         self._scheduled: IDelayedCall | None = None
@@ -573,7 +592,33 @@ class Ledger:
 
     def next_id(self) -> int:
         self._last_id += 1
+        if self._last_id > self._block_end:
+            if self._next_block is not None:
+                self._last_id, self._block_end = self._next_block
+                self._next_block = None
+            elif self._last_id == self._block_end + 1:  # (said once)
+                log.error("ledger: request ids ran past the claimed block before the next was claimed")
         return self._last_id
+
+    @property
+    def reserved_to(self) -> int:
+        """The end of the last block claimed for this instance."""
+        return self._next_block[1] if self._next_block is not None else self._block_end
+
+    def _claim_ahead(self) -> None:
+        """Past half its block, claim the next, so that the ids never wait for the database."""
+        if self._claiming or self._next_block is not None or self._last_id <= self._block_end - ID_BLOCK // 2:
+            return
+        self._claiming = True
+
+        def claimed(end: int) -> None:
+            self._claiming = False
+            self._next_block = (end - ID_BLOCK + 1, end)
+
+        def failed(f: Any) -> None:
+            self._claiming = False  # (tried again with the next batch)
+
+        self._run(claim_ids_txn, ID_BLOCK).addCallbacks(claimed, failed)
 
     @property
     def last_id(self) -> int:
@@ -641,9 +686,8 @@ class Ledger:
         del self._queue[: self.MAX_BATCH]
         self._writing = True
         self._write_started = self._clock.seconds()
-        # Past half the recorded range, the batch records a new end with its rows.
-        self._reserving = self._last_id + ID_BLOCK if self._last_id > self._reserved_to - ID_BLOCK // 2 else 0
-        d = self._run(write_batch_txn, batch, self._reserving)
+        self._claim_ahead()
+        d = self._run(write_batch_txn, batch)
         d.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _written(self, refused: list[tuple[LedgerRow, str]] | None, batch: list[LedgerRow]) -> None:
@@ -660,7 +704,6 @@ class Ledger:
         if self._on_disk and self._recover is not None and not self._spilling:
             self._recover_side_file()
         self._committed += len(batch)
-        self._reserved_to = max(self._reserved_to, self._reserving)
         ready = [d for target, d in self._waiters if target <= self._committed]
         self._waiters = [(t, d) for t, d in self._waiters if t > self._committed]
         if self._queue:

@@ -34,7 +34,7 @@ from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, day_totals, make_pool, prepare_database, recover_spill, reserve_ids_txn, row_json, spill
+from ._store import Ledger, day_totals, make_pool, prepare_database, recover_spill, release_ids_txn, row_json, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -303,7 +303,8 @@ class GreyFoxService(MultiService):
                 for row in rows:
                     log.critical("greyfox_unsaved_row {row}", row=row_json(row))
         if not self.ledger.pending:  # ids continue where they ended: no gap after a clean stop
-            yield self.dbpool.runInteraction(reserve_ids_txn, self.ledger.last_id).addErrback(lambda _: None)
+            yield self.dbpool.runInteraction(release_ids_txn, self.ledger.last_id, self.ledger.reserved_to).addErrback(
+                lambda _: None)
         yield self.http.close()
         self.dbpool.close()
         self.readpool.close()

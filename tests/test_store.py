@@ -14,9 +14,17 @@ class FakeDB:
         self.pending: list[Deferred] = []
         self.manual = False
 
+    #: The end of the id range the database has recorded, and how often ids were claimed.
+    ids_end = 0
+    claims = 0
+
     def run(self, fn, rows, *args):
         if self.broken:
             return fail(RuntimeError("disk I/O error"))
+        if fn.__name__ == "claim_ids_txn":
+            self.claims += 1
+            self.ids_end += rows  # (the block)
+            return succeed(self.ids_end)
         if self.manual:
             d = Deferred()
             self.pending.append(d)
@@ -168,20 +176,58 @@ def test_a_start_after_a_hard_kill_continues_past_every_id_handed_out_and_keeps_
     assert second.secret == first.secret  # (entries bought with a client's credential stay readable)
 
 
-def test_the_ledger_records_a_new_id_range_before_the_old_one_runs_out():
+def test_the_next_block_of_ids_is_claimed_before_the_current_one_runs_out():
     clock, db = Clock(), FakeDB()
-    calls = []
-    run = db.run
-    db.run = lambda fn, rows, *args: calls.append(args) or run(fn, rows)
+    db.ids_end = ID_BLOCK  # (this ledger's block, claimed at start)
     ledger = Ledger(db.run, clock, last_id=0)
-    for _ in range(ID_BLOCK // 2 + 1):
+    ledger.record(row(ledger))
+    clock.advance(Ledger.FLUSH_DELAY)
+    assert db.claims == 0  # most of the block is left
+    while ledger.last_id < ID_BLOCK // 2 + 1:
         ledger.next_id()
     ledger.record(row(ledger))
     clock.advance(Ledger.FLUSH_DELAY)
-    assert calls == [(ledger.last_id + ID_BLOCK,)]
+    assert db.claims == 1 and ledger.reserved_to == 2 * ID_BLOCK
     ledger.record(row(ledger))
     clock.advance(Ledger.FLUSH_DELAY)
-    assert calls[-1] == (0,)  # recorded already: the next batch records nothing new
+    assert db.claims == 1  # claimed already
+    while ledger.last_id < ID_BLOCK:
+        ledger.next_id()
+    assert ledger.next_id() == ID_BLOCK + 1  # one instance: the next block follows on
+
+
+def test_ids_jump_past_blocks_other_instances_claimed():
+    clock, db = Clock(), FakeDB()
+    ledger = Ledger(db.run, clock, last_id=0)  # block 1 .. ID_BLOCK
+    db.ids_end = 3 * ID_BLOCK  # two other instances claimed the next two blocks
+    while ledger.last_id < ID_BLOCK // 2 + 1:
+        ledger.next_id()
+    ledger.record(row(ledger))
+    clock.advance(Ledger.FLUSH_DELAY)
+    while ledger.last_id < ID_BLOCK:
+        ledger.next_id()
+    assert ledger.next_id() == 3 * ID_BLOCK + 1
+
+
+def test_instances_claiming_ids_at_once_get_different_blocks(database):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from greyfox._engines import Connection, engine_for
+    from greyfox._store import claim_ids_txn
+
+    open_database(database).close()
+
+    def claim(_: int) -> int:
+        conn = Connection(engine_for(database))
+        try:
+            with conn.transaction():
+                return claim_ids_txn(conn, ID_BLOCK)
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        ends = list(pool.map(claim, range(16)))
+    assert sorted(ends) == [ID_BLOCK * i for i in range(1, 17)]  # sixteen blocks, none given twice
 
 
 def test_rows_past_the_memory_bound_go_to_the_side_file_while_the_database_is_down():

@@ -225,6 +225,21 @@ def load_index(conn: Any) -> list[CacheEntry]:
     return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in rows]
 
 
+#: Entries stored by other instances are looked for this far back from the
+#: newest one seen (their clocks may differ from this one's by up to this
+#: much, and their writes land up to a batch later).
+LEARN_WINDOW = 10.0
+#: At most this many new entries are taken per look.
+LEARN_BATCH = 1000
+
+
+def recent_entries_txn(txn: Any, since: float) -> list[CacheEntry]:
+    """Entries created after ``since`` (any instance's), oldest first."""
+    txn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache WHERE created > ? ORDER BY created LIMIT {LEARN_BATCH}",
+                (since,))
+    return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in txn.fetchall()]
+
+
 def installation_secret(conn: Any) -> bytes:
     """The random key of credential fingerprints, created once per database."""
     row = conn.execute("SELECT value FROM meta WHERE name = 'fingerprint_secret'").fetchone()
@@ -377,6 +392,25 @@ class Cache:
 
     def entries(self) -> list[CacheEntry]:
         return list(self._index.values())
+
+    def learn(self, entries: Iterable[CacheEntry]) -> int:
+        """Add entries another instance stored in the shared database (their
+        bodies are read on first use); those known already are left as they
+        are.  The number added."""
+        added = 0
+        for entry in entries:
+            if entry.id in self._index:
+                continue
+            self._index[entry.id] = entry
+            if entry.size:
+                self.bytes += entry.size
+                self.stored += 1
+            added += 1
+        return added
+
+    def newest(self) -> float:
+        """The creation time of the newest entry known (0 when there is none)."""
+        return max((e.created for e in self._index.values()), default=0.0)
 
     def nearest(self, upstream: str, path: str, scopes: Iterable[str], request: bytes) -> Deferred[Nearest | None]:
         """The recorded request of the same upstream and path nearest to ``request``

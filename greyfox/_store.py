@@ -102,6 +102,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The instance that served each request (SPEC §8).
     ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
+    # Instances sharing a database learn each other's new cache entries by their time.
+    ("CREATE INDEX cache_created ON cache (created)",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -175,6 +177,7 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 #: PostgreSQL's SQL of each migration past :data:`POSTGRES_BASE`, by the version it starts from.
 POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
+    6: ("CREATE INDEX cache_created ON cache (created)",),
 }
 
 
@@ -375,7 +378,17 @@ class Pool:
         self._pool = adbapi.ConnectionPool(self.engine.module, *args, cp_noisy=False, **kwargs)
 
     def runInteraction(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return self._pool.runInteraction(_with_cursor, self.engine, f, *args)
+        d = self._pool.runInteraction(_with_cursor, self.engine, f, *args)
+        if self.engine.name != "postgresql":
+            return d
+
+        def once_more(failure: Any) -> Deferred[Any]:
+            # The server dropped the connection (a restart, a failover): adbapi
+            # has replaced it, so the interaction is tried once on the new one.
+            failure.trap(adbapi.ConnectionLost, *self.engine.trouble)
+            return self._pool.runInteraction(_with_cursor, self.engine, f, *args)
+
+        return d.addErrback(once_more)
 
     def close(self) -> None:
         self._pool.close()

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ._api import Api
 from ._app import GreyFoxApp
-from ._cache import Cache
+from ._cache import LEARN_BATCH, LEARN_WINDOW, Cache, recent_entries_txn
 from ._collector import FullCollections
 from ._config import Settings
 from ._engines import engine_for
@@ -41,6 +42,8 @@ log = Logger()
 
 #: Seconds in-flight requests get to finish when the service stops.
 SHUTDOWN_GRACE = 10.0
+#: Seconds between looks for cache entries other instances stored.
+LEARN_INTERVAL = 1.0
 
 
 class _Listener(Service):
@@ -223,6 +226,12 @@ class GreyFoxService(MultiService):
         self.listener.setServiceParent(self)
         self._seen_id = self.ledger.last_id
         FullCollections(reactor, busy=self._busy).setServiceParent(self)
+        if self.engine.name == "postgresql":  # instances sharing the database learn each other's answers
+            self._learned_to = self.cache.newest()
+            self._learn_from = self._learned_to - LEARN_WINDOW
+            learning = TimerService(LEARN_INTERVAL, self._learn_cache)
+            learning.clock = reactor
+            learning.setServiceParent(self)
 
     def _busy(self) -> bool:
         """Whether a request is in flight or arrived since the last time this was asked.
@@ -234,6 +243,19 @@ class GreyFoxService(MultiService):
         """
         seen, self._seen_id = self._seen_id, self.ledger.last_id
         return bool(self.proxy.in_flight) or self._seen_id != seen
+
+    def _learn_cache(self) -> defer.Deferred[None]:
+        """Add the entries other instances stored lately to the cache index (SPEC §8: a hit everywhere within 2 s)."""
+
+        def learned(entries: list[Any]) -> None:
+            self.cache.learn(entries)
+            if entries:
+                self._learned_to = max(self._learned_to, entries[-1].created)
+            # A full batch: go on from its last entry; else look back over the window again.
+            self._learn_from = entries[-1].created if len(entries) >= LEARN_BATCH else self._learned_to - LEARN_WINDOW
+
+        d = self.readpool.runInteraction(recent_entries_txn, self._learn_from)
+        return d.addCallbacks(learned, lambda f: None)  # (a database that does not answer now: the next look)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)

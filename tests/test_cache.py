@@ -20,7 +20,7 @@ from greyfox._cachekey import SHARED, cache_key, canonical_json, credential_scop
 from greyfox._cli import main as cli
 
 from . import fakeupstream
-from .conftest import PROXY_KEY, eventually, in_thread, post_json
+from .conftest import PROXY_KEY, eventually, in_thread, post_json, sleep
 from .test_ledger import get_json, rows
 from .test_proxy import RawClient, _wait, hang_up_after, raw_post
 
@@ -554,3 +554,37 @@ def test_stored_bodies_read_back_whatever_their_size_or_age():
     assert len(pack_body(large)) < len(large) // 4  # compressed
     # rows written before small bodies were stored as they are: zlib throughout
     assert unpack_body(zlib.compress(small, 1)) == small
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_another_instance_recorded_is_a_hit_here_within_two_seconds(start_proxy, http, database, engine):
+    if engine != "postgresql":
+        pytest.skip("instances share a PostgreSQL database")
+    import time
+
+    from greyfox._cache import CacheEntry, _store_many_txn
+    from greyfox._engines import Connection, engine_for
+
+    proxy = await start_proxy()
+    await sleep(0.5)  # (past the look at start: the entry must come from a later one)
+    body = dict(CHAT, messages=[{"role": "user", "content": "Recorded elsewhere"}])
+    answer = json.dumps({"id": "chatcmpl-elsewhere", "object": "chat.completion", "model": "gpt-4o-mini",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "From the other one"},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}).encode()
+    now = time.time()
+    entry = CacheEntry(cache_key("openai", "/chat/completions", body), SHARED, "openai", "/chat/completions",
+                       "gpt-4o-mini", False, 200, "application/json", now, now, 0, 3, 4)
+    other = Connection(engine_for(database))  # another instance's write to the shared database
+    with other.transaction():
+        _store_many_txn(other.cursor(), [(entry.row(), answer, canonical_json(body))])
+    other.close()
+    seen = []
+    for _ in range(40):
+        response, data = await post_json(http, proxy.v1 + "/chat/completions", body, {"x-greyfox-mode": "replay"})
+        seen.append(response.code)
+        if response.code == 200:
+            break
+        await sleep(0.05)
+    assert response.code == 200 and json.loads(data)["choices"][0]["message"]["content"] == "From the other one"
+    assert len(seen) <= 40 and proxy.upstream.received == []  # within 2 s, and never from the upstream

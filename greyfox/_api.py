@@ -93,6 +93,9 @@ class Api:
         self.settings = settings
         self.ledger = ledger
         self.run = run
+        #: Limit changes made through this instance (a look at the shared database
+        #: that began before one must not undo it: see GreyFoxService._learn_limits).
+        self.limit_writes = 0
         self.seconds = seconds
         self.started = started
         self.tz = ZoneInfo(settings.tz)
@@ -264,6 +267,7 @@ class Api:
         if unknown:
             raise errors.bad_request(f"Unknown field(s): {', '.join(sorted(unknown))}.", "invalid_field")
         overrides = Overrides(**values)
+        self.limit_writes += 1
         await self.run(set_override_txn, user, (overrides.daily_tokens, overrides.rpm, overrides.tpm))
         if overrides.is_empty():
             self.quotas.overrides.pop(user, None)
@@ -279,6 +283,7 @@ class Api:
         value = doc["daily_budget_usd"]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise errors.bad_request("daily_budget_usd must be a number >= 0 or null.", "invalid_number", "daily_budget_usd")
+        self.limit_writes += 1
         await self.run(set_budget_txn, None if value is None else float(value))
         self.quotas.daily_budget_usd = self.settings.daily_budget_usd if value is None else float(value)
         return 200, {"daily_budget_usd": self.quotas.daily_budget_usd or None}

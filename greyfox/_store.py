@@ -891,6 +891,15 @@ def day_totals(db: str, day: str) -> list[tuple[str, int, float]]:
         conn.close()
 
 
+def limits_txn(txn: Any) -> tuple[dict[str, tuple[int | None, int | None, int | None]], float | None]:
+    """Every user's limit overrides and the budget set through the API (any instance's)."""
+    txn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides')
+    overrides = {u: (d, r, t) for u, d, r, t in txn.fetchall()}
+    txn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'")
+    budget = txn.fetchone()
+    return overrides, float(budget[0]) if budget else None
+
+
 def set_override_txn(txn: Any, user: str, limits: tuple[int | None, int | None, int | None]) -> None:
     if all(v is None for v in limits):
         txn.execute('DELETE FROM quota_overrides WHERE "user" = ?', (user,))

@@ -35,7 +35,7 @@ from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, day_totals, make_pool, prepare_database, recover_spill, release_ids_txn, row_json, spill
+from ._store import Ledger, day_totals, limits_txn, make_pool, prepare_database, recover_spill, release_ids_txn, row_json, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -229,9 +229,10 @@ class GreyFoxService(MultiService):
         if self.engine.name == "postgresql":  # instances sharing the database learn each other's answers
             self._learned_to = self.cache.newest()
             self._learn_from = self._learned_to - LEARN_WINDOW
-            learning = TimerService(LEARN_INTERVAL, self._learn_cache)
-            learning.clock = reactor
-            learning.setServiceParent(self)
+            for look in (self._learn_cache, self._learn_limits):
+                learning = TimerService(LEARN_INTERVAL, look)
+                learning.clock = reactor
+                learning.setServiceParent(self)
 
     def _busy(self) -> bool:
         """Whether a request is in flight or arrived since the last time this was asked.
@@ -256,6 +257,20 @@ class GreyFoxService(MultiService):
 
         d = self.readpool.runInteraction(recent_entries_txn, self._learn_from)
         return d.addCallbacks(learned, lambda f: None)  # (a database that does not answer now: the next look)
+
+    def _learn_limits(self) -> defer.Deferred[None]:
+        """Take the limit overrides and budget set through other instances (SPEC §8: within 2 s)."""
+        writes = self.api.limit_writes
+
+        def learned(found: tuple[dict[str, Any], float | None]) -> None:
+            if self.api.limit_writes != writes:  # changed here meanwhile: the next look reads that too
+                return
+            overrides, budget = found
+            self.quotas.overrides = {u: Overrides(*v) for u, v in overrides.items()}
+            self.quotas.daily_budget_usd = self.settings.daily_budget_usd if budget is None else budget
+
+        d = self.readpool.runInteraction(limits_txn)
+        return d.addCallbacks(learned, lambda f: None)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)

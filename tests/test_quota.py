@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from greyfox._quota import Limits, Overrides, Quotas, Refused, conversation_fingerprint, duration
 
 from . import fakeupstream
-from .conftest import eventually, in_thread, post_json, threads_counting
+from .conftest import eventually, in_thread, post_json, sleep, threads_counting
 from .test_ledger import get_json, rows
 from .test_proxy import _wait, hang_up_after
 
@@ -430,3 +430,29 @@ async def test_inflight_lists_a_running_stream_with_its_tokens_so_far(start_prox
     await eventually(lambda: not proxy.service.proxy.calls)
     code, doc = await get_json(http, proxy.url + "/api/inflight")
     assert doc == {"requests": []}
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_set_through_another_instance_apply_here_within_two_seconds(start_proxy, http, database, engine):
+    if engine != "postgresql":
+        pytest.skip("instances share a PostgreSQL database")
+    from greyfox._engines import Connection, engine_for
+    from greyfox._store import set_budget_txn, set_override_txn
+
+    proxy = await start_proxy()
+    await sleep(0.5)  # (past the look at start)
+    other = Connection(engine_for(database))  # another instance's admin API writes to the shared database
+    with other.transaction():
+        set_override_txn(other.cursor(), "alice", (5, None, None))
+        set_budget_txn(other.cursor(), 3.5)
+    other.close()
+    view: dict[str, Any] = {}
+    for _ in range(40):
+        code, view = await get_json(http, proxy.url + "/api/quotas")
+        if view["global"]["daily_budget_usd"] == 3.5:
+            break
+        await sleep(0.05)
+    assert view["global"]["daily_budget_usd"] == 3.5
+    assert {u["user"]: u["daily_tokens"] for u in view["users"]}["alice"] == 5
+    response, body = await post_json(http, proxy.v1 + "/chat/completions", chat(1), {"x-app-user-id": "alice"})
+    assert response.code == 429 and json.loads(body)["error"]["code"] == "daily_token_limit"

@@ -212,10 +212,11 @@ class PostgresEngine(Engine):
             yield
 
     def claim(self) -> Any:
-        """Hold this database for one instance: a connection holding a session lock,
-        to be closed at stop.  Instances do not share a database yet (their
-        request ids, cache index and limits are their own), so a second one is
-        refused rather than let it hand out the first one's ids."""
+        """Hold this database for one instance: a connection holding a session
+        lock, closed at stop.  Instances on one database share request ids,
+        cache entries and limit settings, but not what they spend against the
+        limits, so a second one is refused rather than let a user have the
+        daily limit once per instance."""
         conn = self.connect()
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()[0]:
             conn.close()

@@ -130,7 +130,7 @@ def _run(options: CiOptions, environ: dict[str, str], scratch: str) -> int:
     )
     outcome: dict[str, Any] = {}
 
-    async def session() -> None:
+    async def serve_the_command() -> None:
         try:
             service.startService()
         except BaseException as e:  # (SystemExit from a failed listen, too)
@@ -153,7 +153,7 @@ def _run(options: CiOptions, environ: dict[str, str], scratch: str) -> int:
             outcome.setdefault("error", result.getErrorMessage())
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(session()).addBoth(finished))
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(serve_the_command()).addBoth(finished))
     reactor.run()
     if "status" not in outcome:
         raise CannotRun(outcome.get("error", "the proxy stopped before the command ran"))

@@ -212,8 +212,8 @@ class PostgresEngine(Engine):
             yield
 
     def claim(self) -> Any:
-        """Hold this database for one instance: a connection holding a session
-        lock, closed at stop.  Instances on one database share request ids,
+        """Hold this database for one instance: a connection that holds an
+        advisory lock as long as it is open, closed at stop.  Instances on one database share request ids,
         cache entries and limit settings, but not what they spend against the
         limits, so a second one is refused rather than let a user have the
         daily limit once per instance."""

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from ._cachekey import SHARED, canonical_request, key_of
 from ._jsondiff import Difference, nearest
+from ._store import meta_value
 from ._sse import SSEParser
 from ._usage import Usage, is_usage_only
 
@@ -242,9 +243,9 @@ def recent_entries_txn(txn: Any, since: float) -> list[CacheEntry]:
 
 def installation_secret(conn: Any) -> bytes:
     """The random key of credential fingerprints, created once per database."""
-    row = conn.execute("SELECT value FROM meta WHERE name = 'fingerprint_secret'").fetchone()
-    if row:
-        return bytes.fromhex(row[0])
+    found = meta_value(conn, "fingerprint_secret")
+    if found is not None:
+        return bytes.fromhex(found)
     secret = os.urandom(32)
     with conn.transaction():
         conn.execute("INSERT INTO meta (name, value) VALUES ('fingerprint_secret', ?)", (secret.hex(),))

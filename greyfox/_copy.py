@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ._engines import Connection, quoted
-from ._store import LEDGER_COLUMNS, open_database
+from ._store import LEDGER_COLUMNS, meta_value, open_database, reserved_ids, set_meta_txn
 
 #: Rows per transaction.
 BATCH = 1000
@@ -50,28 +50,21 @@ def _count(conn: Connection, table: str) -> int:
     return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-def _meta(conn: Connection, name: str) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-    return row[0] if row else None
-
-
 def _copy(src: Connection, dst: Connection, append: bool, progress: Callable[[str, int, int], None]) -> dict[str, int]:
     occupied = _count(dst, "ledger") + _count(dst, "cache")
     if occupied and not append:
         raise CopyRefused(f"the target holds {occupied} rows already; copy into it with --append")
-    upsert_meta = dst.engine.upsert("meta", ("name", "value"), ("name",))
-    secret, target_secret = _meta(src, "fingerprint_secret"), _meta(dst, "fingerprint_secret")
+    secret, target_secret = meta_value(src, "fingerprint_secret"), meta_value(dst, "fingerprint_secret")
     # Entries bought with a client's credential are readable only under the secret that scoped them.
     private_ok = secret is not None and (target_secret in (None, secret) or not occupied)
     with dst.transaction():
         if secret is not None and private_ok:
-            dst.execute(upsert_meta, ("fingerprint_secret", secret))
-        ids = max(int(_meta(src, "ids_reserved_to") or 0), int(_meta(dst, "ids_reserved_to") or 0),
-                  int(src.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]))
-        dst.execute(upsert_meta, ("ids_reserved_to", str(ids)))
-        budget = _meta(src, "daily_budget_usd")
+            set_meta_txn(dst, "fingerprint_secret", secret)
+        ids = max(reserved_ids(src), reserved_ids(dst), int(src.execute("SELECT COALESCE(MAX(id), 0) FROM ledger").fetchone()[0]))
+        set_meta_txn(dst, "ids_reserved_to", str(ids))
+        budget = meta_value(src, "daily_budget_usd")
         if budget is not None:
-            dst.execute(upsert_meta, ("daily_budget_usd", budget))
+            set_meta_txn(dst, "daily_budget_usd", budget)
     copied = {
         "ledger": _copy_table(src, dst, "ledger", LEDGER_COLUMNS, ("id",), progress),
         "cache": _copy_table(src, dst, "cache", _CACHE_COLUMNS, ("key", "scope"), progress,

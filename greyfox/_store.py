@@ -320,12 +320,8 @@ def prepare_database(path: str) -> StartState:
         with conn.transaction():
             end = claim_ids_txn(conn, ID_BLOCK)
         last_id = end - ID_BLOCK
-        overrides = {u: (d, r, t) for u, d, r, t in conn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides')}
-        budget = conn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'").fetchone()
-        return StartState(
-            last_id, load_index(conn), load_stats(conn), installation_secret(conn), overrides,
-            float(budget[0]) if budget else None,
-        )
+        overrides, budget = limits_txn(conn)
+        return StartState(last_id, load_index(conn), load_stats(conn), installation_secret(conn), overrides, budget)
     finally:
         conn.close()
 
@@ -337,10 +333,19 @@ def prepare_database(path: str) -> StartState:
 ID_BLOCK = 100_000
 
 
+def meta_value(txn: Any, name: str) -> str | None:
+    """A value of the ``meta`` table (``None`` when it has none of that name)."""
+    row = txn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta_txn(txn: Any, name: str, value: str) -> None:
+    txn.execute(txn.engine.upsert("meta", ("name", "value"), ("name",)), (name, value))
+
+
 def reserved_ids(conn: Any) -> int:
     """The end of the recorded id range (0 when none is)."""
-    found = conn.execute("SELECT value FROM meta WHERE name = 'ids_reserved_to'").fetchone()
-    return int(found[0]) if found else 0
+    return int(meta_value(conn, "ids_reserved_to") or 0)
 
 
 def claim_ids_txn(txn: Any, block: int) -> int:
@@ -893,11 +898,9 @@ def day_totals(db: str, day: str) -> list[tuple[str, int, float]]:
 
 def limits_txn(txn: Any) -> tuple[dict[str, tuple[int | None, int | None, int | None]], float | None]:
     """Every user's limit overrides and the budget set through the API (any instance's)."""
-    txn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides')
-    overrides = {u: (d, r, t) for u, d, r, t in txn.fetchall()}
-    txn.execute("SELECT value FROM meta WHERE name = 'daily_budget_usd'")
-    budget = txn.fetchone()
-    return overrides, float(budget[0]) if budget else None
+    found = txn.execute('SELECT "user", daily_tokens, rpm, tpm FROM quota_overrides').fetchall()
+    budget = meta_value(txn, "daily_budget_usd")
+    return {u: (d, r, t) for u, d, r, t in found}, None if budget is None else float(budget)
 
 
 def set_override_txn(txn: Any, user: str, limits: tuple[int | None, int | None, int | None]) -> None:
@@ -912,4 +915,4 @@ def set_budget_txn(txn: Any, usd: float | None) -> None:
     if usd is None:
         txn.execute("DELETE FROM meta WHERE name = 'daily_budget_usd'")
     else:
-        txn.execute(txn.engine.upsert("meta", ("name", "value"), ("name",)), ("daily_budget_usd", repr(usd)))
+        set_meta_txn(txn, "daily_budget_usd", repr(usd))

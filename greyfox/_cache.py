@@ -17,7 +17,7 @@ import os
 import zlib
 from collections import OrderedDict
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList
@@ -49,6 +49,8 @@ _COLUMNS = (
 )
 #: An entry's values in column order, in one C call.
 _entry_values = operator.attrgetter(*_COLUMNS)
+#: Every column of the table: the entry's, the body and the canonical request.
+TABLE_COLUMNS = _COLUMNS + ("body", "request")
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -85,6 +87,11 @@ class CacheEntry:
 
     def row(self) -> tuple[Any, ...]:
         return _entry_values(self)
+
+
+def _entry_of(row: Sequence[Any]) -> CacheEntry:
+    """The entry of a row whose first columns are :data:`_COLUMNS` (``stream`` is an integer there)."""
+    return CacheEntry(*row[:5], bool(row[5]), *row[6:len(_COLUMNS)])
 
 
 class Body:
@@ -144,7 +151,7 @@ def _store_many_txn(txn: Any, batch: list[tuple[tuple[Any, ...], bytes, bytes | 
         sizes.append(len(blob))
         packed = pack_body(request) if request is not None else None
         rows.append(row[:_SIZE] + (len(blob),) + row[_SIZE + 1 :] + (blob, packed))
-    txn.executemany(txn.engine.upsert("cache", _COLUMNS + ("body", "request"), ("key", "scope")), rows)
+    txn.executemany(txn.engine.upsert("cache", TABLE_COLUMNS, ("key", "scope")), rows)
     return sizes
 
 
@@ -223,7 +230,7 @@ def load_stats(conn: Any) -> CacheStats:
 def load_index(conn: Any) -> list[CacheEntry]:
     """Every entry's metadata, least recently used first (start-up, synchronous)."""
     rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache ORDER BY last_used").fetchall()
-    return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in rows]
+    return [_entry_of(r) for r in rows]
 
 
 #: Entries stored by other instances are looked for this far back from the
@@ -238,7 +245,7 @@ def recent_entries_txn(txn: Any, since: float) -> list[CacheEntry]:
     """Entries created after ``since`` (any instance's), oldest first."""
     txn.execute(f"SELECT {', '.join(_COLUMNS)} FROM cache WHERE created > ? ORDER BY created LIMIT {LEARN_BATCH}",
                 (since,))
-    return [CacheEntry(*r[:5], bool(r[5]), *r[6:]) for r in txn.fetchall()]
+    return [_entry_of(r) for r in txn.fetchall()]
 
 
 def installation_secret(conn: Any) -> bytes:
@@ -500,14 +507,13 @@ def export_lines(conn: Any, include_private: bool = False) -> Iterator[str]:
     where = "" if include_private else "WHERE scope = 'shared'"
     last_key = None
     for row in conn.execute(
-        f"SELECT {', '.join(_COLUMNS)}, body, request FROM cache {where} ORDER BY key, scope = 'shared' DESC, scope"
+        f"SELECT {', '.join(TABLE_COLUMNS)} FROM cache {where} ORDER BY key, scope = 'shared' DESC, scope"
     ):
-        n = len(_COLUMNS)
-        entry = CacheEntry(*row[:5], bool(row[5]), *row[6:n])
+        entry = _entry_of(row)
         if entry.key == last_key:
             continue
         last_key = entry.key
-        data, request = unpack_body(row[n]), row[n + 1]
+        data, request = unpack_body(row[-2]), row[-1]
         doc: dict[str, Any] = {
             "version": CASSETTE_VERSION,
             "key": entry.key,

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ._cache import TABLE_COLUMNS
 from ._engines import Connection, quoted
 from ._store import LEDGER_COLUMNS, meta_value, open_database, reserved_ids, set_meta_txn
 
 #: Rows per transaction.
 BATCH = 1000
 
-_CACHE_COLUMNS = (
-    "key", "scope", "upstream", "path", "model", "stream", "status", "content_type", "created", "last_used", "size",
-    "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "body", "request", "cache_write_tokens",
-    "reasoning_tokens", "cost_source",
-)
 _OVERRIDE_COLUMNS = ("user", "daily_tokens", "rpm", "tpm")
 
 
@@ -67,7 +63,7 @@ def _copy(src: Connection, dst: Connection, append: bool, progress: Callable[[st
             set_meta_txn(dst, "daily_budget_usd", budget)
     copied = {
         "ledger": _copy_table(src, dst, "ledger", LEDGER_COLUMNS, ("id",), progress),
-        "cache": _copy_table(src, dst, "cache", _CACHE_COLUMNS, ("key", "scope"), progress,
+        "cache": _copy_table(src, dst, "cache", TABLE_COLUMNS, ("key", "scope"), progress,
                              where="" if private_ok else "scope = 'shared'"),
         "quota_overrides": _copy_table(src, dst, "quota_overrides", _OVERRIDE_COLUMNS, ("user",), progress),
     }
@@ -92,7 +88,7 @@ def _copy_table(src: Connection, dst: Connection, table: str, columns: tuple[str
             args = after
         sql = (f"SELECT {quoted(columns)} FROM {table}" + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
                + f" ORDER BY {quoted(keys)} LIMIT {BATCH}")
-        rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in src.execute(sql, args).fetchall()]
+        rows = src.execute(sql, args).fetchall()
         if not rows:
             return done
         with dst.transaction():

@@ -32,7 +32,7 @@ def dump(db: str) -> dict[str, Any]:
     conn = open_database(db)
     try:
         def rows(sql: str) -> list[tuple[Any, ...]]:
-            return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in conn.execute(sql).fetchall()]
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
 
         columns = ", ".join(f'"{c}"' for c in LEDGER_COLUMNS)
         return {

@@ -106,12 +106,12 @@ def cassette_keys(lines: Iterable[str]) -> dict[str, str]:
 def miss_lines(misses: Sequence[ReplayMiss]) -> list[str]:
     """One line per distinct miss, naming the first differing path; further differences indented."""
     out: list[str] = []
-    seen: dict[tuple[object, ...], int] = {}
+    seen: set[tuple[str | None, str, str | None]] = set()
     for miss in misses:
         ident = (miss.upstream, miss.path, miss.key)
-        seen[ident] = seen.get(ident, 0) + 1
-        if seen[ident] > 1:
+        if ident in seen:
             continue
+        seen.add(ident)
         where = f"/v1{miss.path}" + (f" ({miss.model})" if miss.model else "")
         nearest = miss.nearest
         if miss.key is None:

@@ -5,7 +5,7 @@ One storage layer serves both, as Synapse's ``storage/engines`` do: the SQL
 in :mod:`greyfox._store` and :mod:`greyfox._cache` is written once, with
 ``?`` placeholders and every identifier quoted (``"user"`` is reserved in
 PostgreSQL), and an :class:`Engine` supplies what differs: the DB-API
-module and how to connect, the placeholder style, upserts, column types,
+module and how to connect, the placeholder style, upserts, the hour bucket,
 where the schema version lives, and a lock that lets several instances
 migrate one database at once.  Functions that take a cursor get a
 :class:`Cursor`, which converts as it goes.
@@ -34,8 +34,6 @@ class Engine:
 
     name = ""
     module = ""
-    #: Column types of the schema, by role.
-    types: dict[str, str] = {}
     #: Exceptions that mean the database is in trouble (locked, full, gone), not a row.
     trouble: tuple[type[BaseException], ...] = ()
 
@@ -98,7 +96,6 @@ def quoted(columns: Sequence[str]) -> str:
 class SqliteEngine(Engine):
     name = "sqlite"
     module = "sqlite3"
-    types = {"id": "INTEGER PRIMARY KEY", "int": "INTEGER", "float": "REAL", "blob": "BLOB"}
     trouble = (sqlite3.OperationalError,)
 
     @property
@@ -138,7 +135,6 @@ def pragmas(conn: sqlite3.Connection) -> None:
 class PostgresEngine(Engine):
     name = "postgresql"
     module = "psycopg"
-    types = {"id": "BIGINT PRIMARY KEY", "int": "BIGINT", "float": "DOUBLE PRECISION", "blob": "BYTEA"}
 
     def __init__(self, location: str) -> None:
         super().__init__(location)

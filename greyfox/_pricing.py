@@ -121,9 +121,6 @@ class PriceTable:
         self._last = (upstream, model, usage, result)
         return result
 
-    def cost(self, upstream: str, model: str, usage: Usage, when: float | None = None) -> float | None:
-        return self.priced(upstream, model, usage, when)[0]
-
 
 def genai_prices_database() -> Database:
     """The ``genai-prices`` package as a :data:`Database` (imported here, at start-up:

@@ -403,9 +403,6 @@ def _with_cursor(txn: Any, engine: Any, f: Callable[..., Any], *args: Any) -> An
     return f(Cursor(txn, engine), *args)
 
 
-def make_pool(db: str, reactor: Any = None) -> Pool:
-    return Pool(db, reactor)
-
 
 @attr.s(auto_attribs=True, slots=True)
 class LedgerRow:
@@ -833,24 +830,22 @@ def usage_txn(
             key, sub, sums = record[0], record[1], record[2:]
         if group == "hour":
             key = _hour_label(key, utc_offset)
-        # (PostgreSQL sums integers as numeric: Decimal, which JSON does not take)
-        n, prompt, completion, total, hits, saved_t, unpriced, cached, written, reasoning = (
-            int(v or 0) for v in (sums[0], sums[1], sums[2], sums[3], sums[5], sums[6], sums[8], sums[9], sums[10], sums[11]))
-        cost, saved_usd = float(sums[4] or 0), float(sums[7] or 0)
+        n, prompt, completion, total, cost, hits, saved_t, saved_usd, unpriced, cached, written, reasoning = sums
+        # (int() and float(): PostgreSQL sums integers as numeric, a Decimal, which JSON does not take)
         row = {
             "key": key,
-            "requests": n,
-            "prompt_tokens": prompt or 0,
-            "completion_tokens": completion or 0,
-            "total_tokens": total or 0,
-            "cost_usd": round(cost or 0.0, 10),
-            "cache_hits": hits or 0,
-            "saved_tokens": saved_t or 0,
-            "saved_usd": round(saved_usd or 0.0, 10),
-            "unpriced_requests": unpriced or 0,
-            "cached_tokens": cached or 0,
-            "cache_write_tokens": written or 0,
-            "reasoning_tokens": reasoning or 0,
+            "requests": int(n),
+            "prompt_tokens": int(prompt or 0),
+            "completion_tokens": int(completion or 0),
+            "total_tokens": int(total or 0),
+            "cost_usd": round(float(cost or 0), 10),
+            "cache_hits": int(hits or 0),
+            "saved_tokens": int(saved_t or 0),
+            "saved_usd": round(float(saved_usd or 0), 10),
+            "unpriced_requests": int(unpriced or 0),
+            "cached_tokens": int(cached or 0),
+            "cache_write_tokens": int(written or 0),
+            "reasoning_tokens": int(reasoning or 0),
         }
         if split is not None:
             row["split"] = sub

@@ -35,7 +35,7 @@ from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, day_totals, limits_txn, make_pool, prepare_database, recover_spill, release_ids_txn, row_json, spill
+from ._store import Ledger, Pool, day_totals, limits_txn, prepare_database, recover_spill, release_ids_txn, row_json, spill
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -169,10 +169,10 @@ class GreyFoxService(MultiService):
         #: PostgreSQL: the connection that holds the database for this instance (see PostgresEngine.claim).
         self._claim = self.engine.claim() if self.engine.name == "postgresql" else None
         state = prepare_database(settings.db)
-        self.dbpool = make_pool(settings.db, reactor)
+        self.dbpool = Pool(settings.db, reactor)
         # Reads on a connection of their own (SQLite's WAL lets them run beside
         # the writer): a write waiting on a locked database holds up no read.
-        self.readpool = make_pool(settings.db, reactor)
+        self.readpool = Pool(settings.db, reactor)
         self.ledger = Ledger(self.dbpool.runInteraction, reactor, state.last_id,
                              spill=lambda rows: in_thread(reactor, spill, settings.db, rows),
                              recover=lambda: in_thread(reactor, recover_spill, settings.db))

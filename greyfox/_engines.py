@@ -21,11 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 #: Any advisory lock ids will do, as long as every GreyFox uses the same ones.
 MIGRATION_LOCK = 0x6772_6579_666F  # "greyfo"
-INSTANCE_LOCK = MIGRATION_LOCK + 1
-
-
-class InUse(RuntimeError):
-    """Another GreyFox runs on this database."""
 
 
 class Engine:
@@ -77,6 +72,9 @@ class Engine:
 
     def set_schema_version(self, conn: Any, version: int) -> None:
         raise NotImplementedError
+
+    def lease_lock(self, txn: Any, key: int) -> None:
+        """Hold ``key`` until the transaction ends (SQLite: its one writer already serialises)."""
 
     @contextmanager
     def migration_lock(self, conn: Any) -> Iterator[None]:
@@ -207,18 +205,8 @@ class PostgresEngine(Engine):
         with conn.transaction():
             yield
 
-    def claim(self) -> Any:
-        """Hold this database for one instance: a connection that holds an
-        advisory lock as long as it is open, closed at stop.  Instances on one database share request ids,
-        cache entries and limit settings, but not what they spend against the
-        limits, so a second one is refused rather than let a user have the
-        daily limit once per instance."""
-        conn = self.connect()
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()[0]:
-            conn.close()
-            raise InUse("another GreyFox runs on this database; several instances on one PostgreSQL "
-                        "are not supported yet")
-        return conn
+    def lease_lock(self, txn: Any, key: int) -> None:
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
 
 def engine_for(location: str) -> Engine:

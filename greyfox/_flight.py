@@ -25,6 +25,7 @@ from twisted.web.client import ResponseFailed
 from . import _json
 from ._cache import MAX_ENTRY_BYTES
 from ._errors import ApiError, describe_failure
+from ._quota import WAIT_FOR_LEASE
 from ._relay import BodyPump, BrokenOff, ClientGone, CutOff, Fanout, StreamIdle, Subscriber
 from ._routing import as_fields, returned_fields
 from ._tokens import THREADED_COUNT_BYTES, IncrementalCounter, estimate_prompt_tokens
@@ -70,6 +71,7 @@ class Flight:
         self._content_type = ""
         self._json_body = False  # whether a kept non-stream body parsed as JSON (see _take_usage)
         self._counter: IncrementalCounter | None = None
+        self._lease_waited = False  # the last limit check waited for a lease renewal
 
     @property
     def joinable(self) -> bool:
@@ -158,8 +160,7 @@ class Flight:
 
     def _body_ended(self, _: None) -> None:
         assert self.fanout is not None
-        self.fanout.finish()
-        self._conclude(None)
+        self.fanout.finish(lambda cut: self._conclude(None if cut is None else f"cut_off: {cut}"))
 
     def _body_failed(self, failure: Failure) -> Failure | None:
         settings, leader = self.proxy.settings, self.leader
@@ -328,10 +329,17 @@ class Flight:
         """Tokens of the answer so far: a stream's, counted as it passes (0 for other bodies)."""
         return self._counter.total if self._counter is not None else 0
 
-    def _over_limit(self) -> str | None:
+    def _over_limit(self) -> str | Deferred[None] | None:
         """Whether what the stream produced so far carries its user past the
-        daily token limit or the day past the budget: the limit's code."""
-        return self.proxy.over_limit(self.leader, self.tokens)
+        daily token limit or the day past the budget: the limit's code; a
+        Deferred when it reached the end of this instance's lease and more is
+        asked for (asked again when it fires: then the lease decides)."""
+        waited, self._lease_waited = self._lease_waited, False
+        code = self.proxy.over_limit(self.leader, self.tokens, waited)
+        if code == WAIT_FOR_LEASE:
+            self._lease_waited = True
+            return self.proxy.renew_leases()
+        return code
 
     def _cut_off(self, code: str) -> None:
         """End the stream here: one error event to every client, the upstream

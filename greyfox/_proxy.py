@@ -37,7 +37,7 @@ from ._routing import (
 from ._relay import BrokenOff
 from ._store import Ledger, LedgerRow
 from ._watchdog import Watchdog
-from ._quota import Quotas, Refused, Reservation, conversation_fingerprint, duration
+from ._quota import LeaseShort, Quotas, Refused, Reservation, conversation_fingerprint, duration
 from ._tokens import THREADED_COUNT_BYTES, estimate_prompt_tokens
 from ._usage import Usage
 
@@ -171,6 +171,7 @@ class Proxy:
         load_encodings: Callable[[], Deferred[None]] = lambda: succeed(None),
         on_count_difference: Callable[[int], None] = lambda difference: None,
         on_replay_miss: Callable[[ReplayMiss], None] = lambda miss: None,
+        renew_leases: Callable[[], Deferred[None]] = lambda: succeed(None),
     ) -> None:
         self.settings = settings
         self.http = http
@@ -186,6 +187,8 @@ class Proxy:
         self.load_encodings = load_encodings
         self.on_count_difference = on_count_difference
         self.on_replay_miss = on_replay_miss
+        #: Asks the database for larger leases of the daily limits (instances sharing one; see greyfox._leases).
+        self.renew_leases = renew_leases
         #: This instance's name in its ledger rows (the service names it once it listens, if the settings do not).
         self.instance: str | None = settings.instance
         #: Requests not answered yet: their Deferreds (see :meth:`handle`), and
@@ -323,9 +326,17 @@ class Proxy:
         looked = self.cache.nearest(call.route.upstream.name, path, call.read_scopes, call.canonical)
         return looked.addCallbacks(explain, unexplained)
 
-    def _lead(self, call: Call, request: IRequest, prompt: int | None) -> Deferred[None]:
-        """Admit the request and start its own upstream call."""
-        self.admit(call, prompt)
+    def _lead(self, call: Call, request: IRequest, prompt: int | None, waited: bool = False) -> Deferred[None]:
+        """Admit the request and start its own upstream call (once this
+        instance's lease of the limits has room for it, if it shares them)."""
+        try:
+            self.admit(call, prompt, waited)
+        except LeaseShort as short:
+            leases = self.quotas.leases
+            assert leases is not None
+            for subject, amount in short.needs.items():
+                leases.ask(subject, amount)
+            return self.renew_leases().addCallback(lambda _: self._lead(call, request, call.prompt_estimate, True))
         return self._ride(call, request, self.new_flight(call), leader=True)
 
     def _ride(self, call: Call, request: IRequest, flight: Flight, leader: bool) -> Deferred[None]:
@@ -521,11 +532,12 @@ class Proxy:
         if flight.entry_id is not None and self.flights.get(flight.entry_id) is flight:
             del self.flights[flight.entry_id]
 
-    def admit(self, call: Call, prompt: int | None = None) -> None:
+    def admit(self, call: Call, prompt: int | None = None, waited: bool = False) -> None:
         """Reserve the request's worst case against every limit, before the upstream is paid.
 
         :param prompt: the prompt's tokens when already counted (in a thread,
             for a large body); else they are counted here.
+        :param waited: the leases were renewed for this request (see :meth:`Quotas.admit`).
         """
         quotas = self.quotas
         user, now = call.user, self.clock.seconds()
@@ -542,7 +554,7 @@ class Proxy:
                 if quotas.daily_budget_usd:  # (dollars are reserved only against a budget)
                     usd = self._price(call, Usage(prompt, completion))[0] or 0.0
         try:
-            call.reservation = quotas.admit(user, tokens, usd, fingerprint, now)
+            call.reservation = quotas.admit(user, tokens, usd, fingerprint, now, waited)
         except Refused as r:
             if r.code == "runaway_loop":
                 log.warn("runaway-loop breaker: {message}", message=r.message)
@@ -580,15 +592,16 @@ class Proxy:
 
         return counting.addBoth(done)
 
-    def over_limit(self, call: Call, completion: int) -> str | None:
+    def over_limit(self, call: Call, completion: int, waited: bool = False) -> str | None:
         """The code of the limit a running stream's tokens so far (its prompt as
-        admitted, ``completion`` produced) carry its user or the day past."""
+        admitted, ``completion`` produced) carry its user or the day past
+        (:data:`WAIT_FOR_LEASE`: see :meth:`Quotas.overrun`)."""
         assert call.reservation is not None
         prompt = call.prompt_estimate or 0
         usd = 0.0
         if self.quotas.daily_budget_usd:
             usd = self._price(call, Usage(prompt, completion))[0] or 0.0
-        return self.quotas.overrun(call.reservation, prompt + completion, usd)
+        return self.quotas.overrun(call.reservation, prompt + completion, usd, waited)
 
     def store_answer(self, call: Call, entry_id: str, stream: bool, content_type: str, body: bytes,
                      usage: Usage | None) -> None:

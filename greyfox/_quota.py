@@ -5,6 +5,11 @@ Every method takes the current time, so tests drive days and minutes with a
 fake clock.  The reactor runs one admission at a time, so check-and-reserve
 is atomic without locks; concurrent requests can overshoot a limit only by
 what a request really used beyond its reservation.
+
+Instances that share a database also hold a lease of each daily limit
+(:mod:`greyfox._leases`): then the counters here are this instance's own,
+what the others use is learned each second, and a request the lease has no
+room for raises :class:`LeaseShort` for the caller to wait for more.
 """
 
 from __future__ import annotations
@@ -12,12 +17,19 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from datetime import date, datetime, time, timedelta
-from typing import Any, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
 import attr
 
+from ._leases import USD, Want, tokens_subject
+
+if TYPE_CHECKING:
+    from ._leases import LeaseBook
+
 WINDOW = 60.0  # seconds of the per-minute limits
+#: What :meth:`Quotas.overrun` says of a stream at the end of this instance's lease: wait for a renewal.
+WAIT_FOR_LEASE = "wait_for_lease"
 #: The loop table is swept of expired conversations when it grows past this (then: twice its size after a sweep).
 LOOP_SWEEP_MIN = 4096
 
@@ -66,6 +78,15 @@ class Refused(Exception):
         self.retry_after = retry_after
         self.limit = limit
         self.remaining = remaining
+
+
+class LeaseShort(Exception):
+    """The request is within the limits but not within this instance's lease of
+    them: ``needs`` (subject -> amount) must be asked for, then admission tried again."""
+
+    def __init__(self, needs: dict[str, float]) -> None:
+        super().__init__(needs)
+        self.needs = needs
 
 
 def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> int:
@@ -153,6 +174,8 @@ class Quotas:
         self._loops: dict[tuple[str, Hashable], tuple[float, ...]] = {}
         self._sweep_at = LOOP_SWEEP_MIN
         self.breakers: dict[tuple[str, Hashable], float] = {}  # (user, fingerprint) -> open until
+        #: This instance's leases of the daily limits when instances share a database, else ``None``.
+        self.leases: LeaseBook | None = None
 
     def load_day(self, used_today: Iterable[tuple[str, int, float]]) -> None:
         """Add ``(user, tokens, usd)`` already charged today."""
@@ -205,10 +228,21 @@ class Quotas:
         if not limit:
             return None
         day = self._day(now)
-        return max(0, limit - day.used.get(user, 0) - day.reserved.get(user, 0))
+        return max(0, int(limit - day.used.get(user, 0) - day.reserved.get(user, 0) - self._elsewhere(user)))
 
-    def admit(self, user: str, tokens: int, usd: float, fingerprint: Hashable | None, now: float) -> Reservation:
-        """Check every limit, then reserve; raise :class:`Refused` naming the first that would break."""
+    def _elsewhere(self, user: str) -> float:
+        """What other instances hold of the user's daily tokens, as last seen."""
+        return 0.0 if self.leases is None else self.leases.others(tokens_subject(user)).held
+
+    def _elsewhere_usd(self) -> float:
+        return 0.0 if self.leases is None else self.leases.others(USD).held
+
+    def admit(self, user: str, tokens: int, usd: float, fingerprint: Hashable | None, now: float,
+              waited: bool = False) -> Reservation:
+        """Check every limit, then reserve; raise :class:`Refused` naming the first that would break.
+
+        With leases, raise :class:`LeaseShort` when only this instance's lease
+        is too small; ``waited``: the lease was renewed since, refuse instead."""
         day = self._day(now)
         limits = self.limits_for(user)
         calls = self._check_loop(user, fingerprint, now)
@@ -220,7 +254,7 @@ class Quotas:
                           requests[0] + WINDOW - now, limits.daily_tokens or None, self.remaining(user, now))
 
         if limits.daily_tokens:
-            left = limits.daily_tokens - day.used.get(user, 0) - day.reserved.get(user, 0)
+            left = int(limits.daily_tokens - day.used.get(user, 0) - day.reserved.get(user, 0) - self._elsewhere(user))
             if tokens > left:
                 raise Refused(
                     "daily_token_limit",
@@ -242,7 +276,7 @@ class Quotas:
                               self.remaining(user, now))
 
         if self.daily_budget_usd:
-            left_usd = self.daily_budget_usd - day.spent_usd - day.reserved_usd
+            left_usd = self.daily_budget_usd - day.spent_usd - day.reserved_usd - self._elsewhere_usd()
             if usd > left_usd or left_usd <= 0:
                 raise Refused(
                     "daily_budget",
@@ -250,6 +284,9 @@ class Quotas:
                     f"${day.reserved_usd:.4f} reserved). It resets at midnight ({self.tz.key}).",
                     self.next_midnight(now) - now, limits.daily_tokens or None, self.remaining(user, now),
                 )
+
+        if self.leases is not None:
+            self._within_leases(user, limits, day, tokens, usd, waited, now)
 
         # Every check passed: reserve against all of them at once.
         requests.append(now)
@@ -259,11 +296,61 @@ class Quotas:
             window.append(entry)  # type: ignore[union-attr]
         day.reserved[user] = day.reserved.get(user, 0) + tokens
         day.reserved_usd += usd
+        if self.leases is not None:
+            self.leases.note(tokens_subject(user), tokens)
+            self.leases.note(USD, usd)
         if fingerprint is not None and self.loop_max_repeats:
             self._loops[(user, fingerprint)] = calls + (now,)
             if len(self._loops) > self._sweep_at:
                 self._sweep(now)
         return Reservation(user, day.day, tokens, usd, entry)
+
+    def _within_leases(self, user: str, limits: Limits, day: _Day, tokens: int, usd: float, waited: bool,
+                       now: float) -> None:
+        """Raise :class:`LeaseShort` (or, having waited, :class:`Refused`) when a lease has no room for the request."""
+        leases = self.leases
+        assert leases is not None
+        leases.roll(day.day)
+        needs: dict[str, float] = {}
+        subject = tokens_subject(user)
+        if limits.daily_tokens and tokens and tokens > leases.room(subject, day.used.get(user, 0) + day.reserved.get(user, 0)):
+            needs[subject] = tokens
+        if self.daily_budget_usd and usd and usd > leases.room(USD, day.spent_usd + day.reserved_usd):
+            needs[USD] = usd
+        if not needs:
+            return
+        if not waited:
+            raise LeaseShort(needs)
+        retry = self.next_midnight(now) - now
+        if subject in needs:
+            raise Refused(
+                "daily_token_limit",
+                f"User {user!r} is near the {limits.daily_tokens} daily tokens shared by the GreyFox instances, and "
+                f"this instance could not get a share of the rest for this request (up to {tokens} tokens).",
+                retry, limits.daily_tokens, self.remaining(user, now))
+        raise Refused(
+            "daily_budget",
+            f"The daily budget of ${self.daily_budget_usd:g} is nearly spent across the GreyFox instances, and this "
+            f"instance could not get a share of the rest for this request (up to ${usd:.4f}).",
+            retry, limits.daily_tokens or None, self.remaining(user, now))
+
+    def lease_wants(self, now: float) -> tuple[str, list[Want]]:
+        """Today, and what to report and ask of each subject (see :class:`greyfox._leases.LeaseBook`)."""
+        day = self._day(now)
+        leases = self.leases
+        assert leases is not None
+        leases.roll(day.day)
+        held = {tokens_subject(u): (float(day.used.get(u, 0)), float(day.used.get(u, 0) + day.reserved.get(u, 0)))
+                for u in set(day.used) | set(day.reserved)}
+        if day.spent_usd or day.reserved_usd or USD in leases.granted:
+            held[USD] = (day.spent_usd, day.spent_usd + day.reserved_usd)
+
+        def limit(subject: str) -> float:
+            if subject == USD:
+                return self.daily_budget_usd
+            return self.limits_for(subject.partition(":")[2]).daily_tokens
+
+        return day.day, leases.wants(held, limit)
 
     def _check_loop(self, user: str, fingerprint: Hashable | None, now: float) -> tuple[float, ...]:
         """The conversation's calls still in the window; raise when one more would be a loop."""
@@ -317,21 +404,60 @@ class Quotas:
             del self._loops[k]
         return len(keys)
 
-    def overrun(self, reservation: Reservation, tokens: int, usd: float) -> str | None:
+    def overrun(self, reservation: Reservation, tokens: int, usd: float, waited: bool = False) -> str | None:
         """The code of the limit that a running request, having used ``tokens``
         and ``usd`` so far, carries its user (or the day) past; ``None`` when
-        it is within them.  What other requests hold reserved counts as used."""
+        it is within them.  What other requests hold reserved counts as used.
+
+        With leases: :data:`WAIT_FOR_LEASE` when it is past this instance's
+        lease only (more has been asked for); ``waited``: it was renewed since,
+        and the lease decides."""
         day = self._today
         if reservation.settled or day.day != reservation.day:
             return None
         user = reservation.user
+        # A stream past its reservation holds what it used: the others running
+        # beside it see that, not just its reservation.
+        if tokens > reservation.tokens:
+            day.reserved[user] = day.reserved.get(user, 0) + tokens - reservation.tokens
+            if self.leases is not None:
+                self.leases.note(tokens_subject(user), tokens - reservation.tokens)
+            reservation.tokens = tokens
+        if usd > reservation.usd:
+            day.reserved_usd += usd - reservation.usd
+            if self.leases is not None:
+                self.leases.note(USD, usd - reservation.usd)
+            reservation.usd = usd
         limit = self.limits_for(user).daily_tokens
-        if limit and day.used.get(user, 0) + day.reserved.get(user, 0) - reservation.tokens + tokens > limit:
-            return "daily_token_limit"
+        past_lease = None
+        if limit:
+            held = day.used.get(user, 0) + day.reserved.get(user, 0)
+            if held + self._elsewhere(user) > limit:
+                return "daily_token_limit"
+            if self._past_lease(tokens_subject(user), held, tokens):
+                past_lease = "daily_token_limit"
         budget = self.daily_budget_usd
-        if budget and day.spent_usd + day.reserved_usd - reservation.usd + usd > budget:
-            return "daily_budget"
-        return None
+        if budget:
+            held_usd = day.spent_usd + day.reserved_usd
+            if held_usd + self._elsewhere_usd() > budget:
+                return "daily_budget"
+            if past_lease is None and self._past_lease(USD, held_usd, usd):
+                past_lease = "daily_budget"
+        if past_lease is not None and not waited:
+            return WAIT_FOR_LEASE
+        return past_lease
+
+    def _past_lease(self, subject: str, held: float, step: float) -> bool:
+        """Whether ``held`` is past this instance's lease.  Within ``step`` of
+        its end (the request's use so far, or its reservation), ask for that
+        much more: a long stream's lease grows geometrically."""
+        leases = self.leases
+        if leases is None:
+            return False
+        room = leases.room(subject, held)
+        if room < step:
+            leases.running_low(subject, step)
+        return room < 0
 
     def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
         """Replace the reservation by what was really charged (0 when nothing was)."""
@@ -354,10 +480,12 @@ class Quotas:
 
     def users(self, now: float) -> list[dict[str, Any]]:
         day = self._day(now)
-        names = sorted(set(day.used) | set(day.reserved) | set(self.overrides))
+        names = set(day.used) | set(day.reserved) | set(self.overrides)
+        if self.leases is not None:
+            names |= {s.partition(":")[2] for s in self.leases.elsewhere if s.startswith("tokens:")}
         resets_at = self.next_midnight(now)
         out = []
-        for user in names:
+        for user in sorted(names):
             limits = self.limits_for(user)
             o = self.overrides.get(user, Overrides())
             out.append(
@@ -367,8 +495,8 @@ class Quotas:
                     "rpm": limits.rpm or None,
                     "tpm": limits.tpm or None,
                     "overrides": attr.asdict(o),
-                    "used": day.used.get(user, 0),
-                    "reserved": day.reserved.get(user, 0),
+                    "used": day.used.get(user, 0) + int(self._elsewhere_used(user)),
+                    "reserved": day.reserved.get(user, 0) + int(self._elsewhere(user) - self._elsewhere_used(user)),
                     "remaining": self.remaining(user, now),
                     "resets_at": resets_at,
                     "breaker_until": max(self.tripped(user, now), default=None),
@@ -376,13 +504,19 @@ class Quotas:
             )
         return out
 
+    def _elsewhere_used(self, user: str) -> float:
+        return 0.0 if self.leases is None else self.leases.others(tokens_subject(user)).used
+
     def global_view(self, now: float) -> dict[str, Any]:
         day = self._day(now)
+        others = self.leases.others(USD) if self.leases is not None else None
+        spent = day.spent_usd + (others.used if others else 0.0)
+        reserved = day.reserved_usd + (others.held - others.used if others else 0.0)
         return {
             "daily_budget_usd": self.daily_budget_usd or None,
-            "spent_usd": round(day.spent_usd, 10),
-            "reserved_usd": round(day.reserved_usd, 10),
-            "remaining_usd": round(max(0.0, self.daily_budget_usd - day.spent_usd - day.reserved_usd), 10)
+            "spent_usd": round(spent, 10),
+            "reserved_usd": round(reserved, 10),
+            "remaining_usd": round(max(0.0, self.daily_budget_usd - spent - reserved), 10)
             if self.daily_budget_usd else None,
             "resets_at": self.next_midnight(now),
         }

@@ -280,13 +280,16 @@ class Fanout:
         keep: int,
         on_empty: Callable[[], None],
         on_complete: Callable[[], None] = lambda: None,
-        over_limit: Callable[[], str | None] | None = None,
+        over_limit: Callable[[], str | Deferred[None] | None] | None = None,
         on_over_limit: Callable[[str], None] = lambda code: None,
     ) -> None:
         """:param over_limit: asked after each metered event: the code of the
             limit the stream has now gone past, if any.  Then the events up to
             that one are sent and ``on_over_limit(code)`` is told; the rest of
-            the read is not."""
+            the read is not.  A Deferred instead: the stream is at the end of
+            this instance's lease of the limit (see greyfox._leases) and more
+            is asked for; the read pauses, the rest of this one is held, and
+            ``over_limit`` is asked again when the Deferred fires."""
         self.meter = meter
         self.on_complete = on_complete
         self.over_limit = over_limit
@@ -301,6 +304,10 @@ class Fanout:
         self.overflowed = False
         self.pump: BodyPump | None = None
         self._paused: set[Subscriber] = set()
+        #: Events read and not yet relayed while a lease is renewed (at most the rest of one read).
+        self._held: list[bytes] | None = None
+        #: The body ended while events were held: the end, told the cut-off's code or ``None``.
+        self._then: Callable[[str | None], None] | None = None
 
     @property
     def joinable(self) -> bool:
@@ -336,22 +343,56 @@ class Fanout:
 
     def deliver(self, data: bytes) -> None:
         if self.parser is None:
-            pieces: list[Piece] = [(data, False)]
+            self._send([(data, False)])
+        elif self._held is not None:  # (what was on its way when the read paused)
+            self._held.extend(self.parser.feed_raw(data))
         else:
-            meter = self.meter
-            assert meter is not None
-            pieces = []
-            for raw in self.parser.feed_raw(data):
-                pieces.append((raw, meter.on_raw(raw)))
-                if self.over_limit is not None:
-                    code = self.over_limit()
-                    if code is not None:
-                        self._send(pieces)
-                        self.on_over_limit(code)
-                        return
-            if not pieces:
-                return
-        self._send(pieces)
+            self._relay(self.parser.feed_raw(data))
+
+    def _relay(self, raws: list[bytes]) -> bool:
+        """Meter and send events, checking the limit after each; false when the stream stopped or waits."""
+        meter = self.meter
+        assert meter is not None
+        pieces: list[Piece] = []
+        for i, raw in enumerate(raws):
+            pieces.append((raw, meter.on_raw(raw)))
+            if self.over_limit is not None:
+                verdict = self.over_limit()
+                if verdict is None:
+                    continue
+                self._send(pieces)
+                if isinstance(verdict, str):
+                    self._cut(verdict)
+                else:
+                    self._held = raws[i + 1:]
+                    if self.pump is not None and not self.pump.paused:
+                        self.pump.pauseProducing()
+                    verdict.addCallback(self._renewed)
+                return False
+        if pieces:
+            self._send(pieces)
+        return True
+
+    def _renewed(self, _: object) -> None:
+        """The lease was renewed (or could not be): go on, or stop here."""
+        held, self._held = self._held or [], None
+        if self.over_limit is None:  # the call ended meanwhile
+            return
+        verdict = self.over_limit()
+        if isinstance(verdict, str):
+            self._cut(verdict)
+            return
+        if not self._paused and self.pump is not None and self.pump.paused:
+            self.pump.resumeProducing()
+        if self._relay(held) and self._then is not None:
+            then, self._then = self._then, None
+            self.finish(then)
+
+    def _cut(self, code: str) -> None:
+        self.on_over_limit(code)
+        then, self._then = self._then, None
+        if then is not None:
+            then(code)
 
     def send_last(self, data: bytes) -> None:
         """Write ``data``, unkept and unmetered, to every subscriber whose response
@@ -361,12 +402,18 @@ class Fanout:
             if sub.started:
                 sub.write(data)
 
-    def finish(self) -> None:
-        """The body ended cleanly: relay an unterminated last event, if any."""
+    def finish(self, then: Callable[[str | None], None]) -> None:
+        """The body ended cleanly: relay an unterminated last event, if any,
+        then call ``then`` (after the events held for a lease, if any: with
+        the cut-off's code when the stream stops in them)."""
+        if self._held is not None:
+            self._then = then
+            return
         if self.parser is not None and self.meter is not None:
             tail = self.parser.flush()
             if tail is not None:
                 self._send([(tail.raw, self.meter.on_event(tail))])
+        then(None)
 
     def _send(self, pieces: list[Piece]) -> None:
         if not self.overflowed:
@@ -399,7 +446,7 @@ class Fanout:
 
     def resume(self, sub: Subscriber) -> None:
         self._paused.discard(sub)
-        if not self._paused and self.pump is not None and self.pump.paused:
+        if not self._paused and self._held is None and self.pump is not None and self.pump.paused:
             self.pump.resumeProducing()
 
     def leave(self, sub: Subscriber) -> None:

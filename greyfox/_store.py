@@ -104,6 +104,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
     # Instances sharing a database learn each other's new cache entries by their time.
     ("CREATE INDEX cache_created ON cache (created)",),
+    # Instances sharing a database: their leases of the daily limits and their
+    # calls per conversation (see greyfox._leases and the loop breaker).
+    (
+        """CREATE TABLE leases (
+            day TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            granted REAL NOT NULL,
+            used REAL NOT NULL,
+            held REAL NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (day, subject, instance)
+        )""",
+        """CREATE TABLE loop_calls (
+            instance TEXT NOT NULL,
+            user TEXT NOT NULL,
+            fingerprint INTEGER NOT NULL,
+            second INTEGER NOT NULL,
+            calls INTEGER NOT NULL,
+            PRIMARY KEY (instance, user, fingerprint, second)
+        )""",
+        "CREATE INDEX loop_calls_second ON loop_calls (second)",
+        'CREATE TABLE breaker_resets (user TEXT PRIMARY KEY, at REAL NOT NULL)',
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -178,6 +202,28 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: ("ALTER TABLE ledger ADD COLUMN instance TEXT",),
     6: ("CREATE INDEX cache_created ON cache (created)",),
+    7: (
+        """CREATE TABLE leases (
+            day TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            granted DOUBLE PRECISION NOT NULL,
+            used DOUBLE PRECISION NOT NULL,
+            held DOUBLE PRECISION NOT NULL,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (day, subject, instance)
+        )""",
+        """CREATE TABLE loop_calls (
+            instance TEXT NOT NULL,
+            "user" TEXT NOT NULL,
+            fingerprint BIGINT NOT NULL,
+            second BIGINT NOT NULL,
+            calls BIGINT NOT NULL,
+            PRIMARY KEY (instance, "user", fingerprint, second)
+        )""",
+        "CREATE INDEX loop_calls_second ON loop_calls (second)",
+        'CREATE TABLE breaker_resets ("user" TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)',
+    ),
 }
 
 
@@ -878,14 +924,16 @@ def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, An
     return [dict(zip(LEDGER_COLUMNS, row)) for row in txn.fetchall()]
 
 
-def day_totals(db: str, day: str) -> list[tuple[str, int, float]]:
-    """(user, tokens, dollars) charged on ``day``: rebuilds the quota counters at start."""
+def day_totals(db: str, day: str, instance: str | None = None) -> list[tuple[str, int, float]]:
+    """(user, tokens, dollars) charged on ``day`` (by ``instance`` only, when
+    given): rebuilds the quota counters at start."""
     conn = Connection(engine_for(db))
+    mine = "" if instance is None else " AND instance = ?"
     try:
         return [(user, int(tokens or 0), float(usd or 0)) for user, tokens, usd in conn.execute(
             'SELECT "user", SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger '
-            "WHERE day = ? AND cache != 'HIT' GROUP BY \"user\"",
-            (day,),
+            f"WHERE day = ? AND cache != 'HIT'{mine} GROUP BY \"user\"",
+            (day,) if instance is None else (day, instance),
         ).fetchall()]
     finally:
         conn.close()

@@ -30,12 +30,15 @@ from ._collector import FullCollections
 from ._config import Settings
 from ._engines import engine_for
 from ._http import QuietSite, no_delay_listening
+from ._leases import INTERVAL as LEASE_INTERVAL, LeaseBook, LeaseKeeper, load_leases_txn
 from ._upstream import UpstreamClient
 from ._metrics import Metrics
 from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
-from ._store import Ledger, Pool, day_totals, limits_txn, prepare_database, recover_spill, release_ids_txn, row_json, spill
+from ._store import (
+    Connection, Ledger, Pool, day_totals, limits_txn, prepare_database, recover_spill, release_ids_txn, row_json, spill,
+)
 from ._tokens import encoding_name_for, load_encodings
 
 log = Logger()
@@ -166,8 +169,8 @@ class GreyFoxService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.engine = engine_for(settings.db)
-        #: PostgreSQL: the connection that holds the database for this instance (see PostgresEngine.claim).
-        self._claim = self.engine.claim() if self.engine.name == "postgresql" else None
+        #: Instances may share a PostgreSQL database, and then share its limits by leases.
+        self.shared = self.engine.name == "postgresql"
         state = prepare_database(settings.db)
         self.dbpool = Pool(settings.db, reactor)
         # Reads on a connection of their own (SQLite's WAL lets them run beside
@@ -198,7 +201,14 @@ class GreyFoxService(MultiService):
             now,
             overrides={u: Overrides(*v) for u, v in state.overrides.items()},
         )
-        self.quotas.load_day(day_totals(settings.db, self.quotas.day_of(now)))
+        self.leases: LeaseKeeper | None = None
+        if self.shared:  # this instance's own spend is loaded once it knows its name (startService)
+            self.quotas.leases = LeaseBook(self.quotas.day_of(now))
+            self.leasepool = Pool(settings.db, reactor)  # (grants wait for no ledger write or slow read)
+            self.leases = LeaseKeeper(self.leasepool.runInteraction, self.quotas, lambda: self.proxy.instance or "",
+                                      reactor)
+        else:
+            self.quotas.load_day(day_totals(settings.db, self.quotas.day_of(now)))
         self.proxy = Proxy(
             settings,
             self.http,
@@ -213,6 +223,7 @@ class GreyFoxService(MultiService):
             run_in_thread=lambda f, *args: in_thread(reactor, f, *args),
             load_encodings=self.encodings.when_loaded,
             on_count_difference=self.metrics.count_difference,
+            **({"renew_leases": self.leases.sync} if self.leases is not None else {}),
             **({"on_replay_miss": on_replay_miss} if on_replay_miss is not None else {}),
         )
         self.cache_stats = state.cache_stats
@@ -226,11 +237,12 @@ class GreyFoxService(MultiService):
         self.listener.setServiceParent(self)
         self._seen_id = self.ledger.last_id
         FullCollections(reactor, busy=self._busy).setServiceParent(self)
-        if self.engine.name == "postgresql":  # instances sharing the database learn each other's answers
+        if self.leases is not None:  # instances sharing the database learn each other's answers and use
             self._learned_to = self.cache.newest()
             self._learn_from = self._learned_to - LEARN_WINDOW
-            for look in (self._learn_cache, self._learn_limits):
-                learning = TimerService(LEARN_INTERVAL, look)
+            for interval, look in ((LEARN_INTERVAL, self._learn_cache), (LEARN_INTERVAL, self._learn_limits),
+                                   (LEASE_INTERVAL, self.leases.tick)):
+                learning = TimerService(interval, look)
                 learning.clock = reactor
                 learning.setServiceParent(self)
 
@@ -298,8 +310,23 @@ class GreyFoxService(MultiService):
         super().startService()
         if self.proxy.instance is None:
             self.proxy.instance = instance_name(self.port)
+        if self.shared:
+            self._load_own_day(self.proxy.instance)
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
+
+    def _load_own_day(self, instance: str) -> None:
+        """This instance's spend today, its leases (a restart under the same name
+        takes them back) and the others' use: once, at start, before the first request."""
+        quotas, book = self.quotas, self.quotas.leases
+        assert book is not None
+        day = quotas.day_of(self.reactor.seconds())
+        quotas.load_day(day_totals(self.settings.db, day, instance))
+        conn = Connection(self.engine)
+        try:
+            book.granted, book.elsewhere = load_leases_txn(conn.cursor(), day, instance)
+        finally:
+            conn.close()
 
     @property
     def port(self) -> Any:
@@ -322,6 +349,9 @@ class GreyFoxService(MultiService):
         if self.proxy.counting:
             log.error("LOST the ledger rows of {n} answers still being counted at shutdown", n=len(self.proxy.counting))
         yield self.cache.flush()  # answers stored in the last moments (a failed write is logged, as ever)
+        if self.leases is not None:  # report the last spend and hand back what is not used
+            self.quotas.leases.stopping()
+            yield self.leases.sync()
         # Give a failing database a few seconds, then keep the rows in a side
         # file that the next start inserts: nothing recorded is lost.
         deadline = self.reactor.seconds() + 5
@@ -345,8 +375,8 @@ class GreyFoxService(MultiService):
         yield self.http.close()
         self.dbpool.close()
         self.readpool.close()
-        if self._claim is not None:
-            self._claim.close()
+        if self.shared:
+            self.leasepool.close()
 
     @defer.inlineCallbacks
     def _wait_while(self, busy: Callable[[], bool]) -> Any:

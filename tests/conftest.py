@@ -91,7 +91,8 @@ def proxy_env(upstream_url: str, **extra: str) -> dict[str, str]:
 #: A PostgreSQL server the tests may create databases on (``.ci/run`` starts a throwaway one).
 POSTGRES = os.environ.get("GREYFOX_TEST_POSTGRES")
 #: Modules whose tests run on every engine: storage, quotas, the API and the cache.
-ENGINE_MODULES = {"tests.test_store", "tests.test_ledger", "tests.test_quota", "tests.test_cache", "tests.test_copy"}
+ENGINE_MODULES = {"tests.test_store", "tests.test_ledger", "tests.test_quota", "tests.test_cache", "tests.test_copy",
+                  "tests.test_leases"}
 
 
 def pytest_generate_tests(metafunc: Any) -> None:

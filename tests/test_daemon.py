@@ -385,7 +385,7 @@ async def test_kill_9_loses_nothing_flushed_and_no_request_id_is_reused(daemon, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_disk_degrades_the_daemon_and_loses_no_row(daemon, upstream, http):
-    d = daemon(file_size_limit=160 * 1024)  # the database's files may not grow past 160 KiB
+    d = daemon(file_size_limit=320 * 1024)  # the database's files may not grow past 320 KiB
     await d.ready(http)
     answered = 0
     for i in range(60):

@@ -520,21 +520,6 @@ async def test_rows_spilled_in_an_outage_reach_the_database_when_it_is_back(star
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_second_instance_on_one_postgresql_database_is_refused_until_the_first_stops(start_proxy, http, engine):
-    if engine != "postgresql":
-        pytest.skip("a SQLite file has one instance by nature")
-    from greyfox._engines import InUse
-
-    first = await start_proxy()
-    with pytest.raises(InUse, match="another GreyFox runs on this database"):
-        await start_proxy()
-    await first.stop()
-    second = await start_proxy()
-    response, _ = await post_json(http, second.v1 + "/chat/completions", CHAT)
-    assert response.code == 200
-
-
-@pytest_twisted.ensureDeferred
 async def test_every_row_names_the_instance_that_served_it(start_proxy, http):
     import socket
 

@@ -56,12 +56,28 @@ def test_a_running_request_overruns_when_its_use_so_far_passes_what_others_left(
     running = q.admit("alice", 20, 0.1, None, 0)
     assert q.overrun(running, 70, 0.5) is None  # 30 held by the other + 70 = the limit
     assert q.overrun(running, 71, 0.5) == "daily_token_limit"
-    assert q.overrun(running, 10, 0.81) == "daily_budget"  # 0.2 held + 0.81 > $1
     q.settle(other, 5, 0.05)
     assert q.overrun(running, 95, 0.5) is None
     assert q.overrun(q.admit("bob", 5, 0, None, 0), 100, 0) is None  # bob has his own 100
+    assert q.overrun(running, 95, 0.96) == "daily_budget"  # $0.05 spent + 0.96 > $1
     q.settle(running, 96, 0.5)
     assert q.overrun(running, 1000, 9) is None  # settled: nothing runs any more
+
+
+def test_streams_running_past_their_reservations_see_each_others_use():
+    """Each stream holds what it used, not just what it reserved: two of them
+    cannot each take the whole room left."""
+    clock = Clock()
+    q = quotas(clock, Limits(daily_tokens=100))
+    a = q.admit("alice", 10, 0, None, 0)
+    b = q.admit("alice", 10, 0, None, 0)
+    assert q.overrun(a, 60, 0) is None
+    assert q.overrun(b, 40, 0) is None  # 60 + 40
+    assert q.overrun(b, 41, 0) == "daily_token_limit"
+    assert q.remaining("alice", 0) == 0
+    q.settle(a, 60, 0)
+    q.settle(b, 41, 0)
+    assert q.users(0)[0]["used"] == 101 and q.users(0)[0]["reserved"] == 0
 
 
 def test_a_failed_call_gives_its_reservation_back():

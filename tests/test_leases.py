@@ -1,0 +1,223 @@
+"""Instances sharing one database share its daily limits by leases (SPEC §8)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
+
+from greyfox._engines import Connection, engine_for
+from greyfox._leases import USD, Elsewhere, LeaseBook, Want, leases_txn, tokens_subject
+from greyfox._store import migrate
+
+from . import fakeupstream
+from .conftest import eventually, post_json, sleep
+from .test_ledger import get_json, rows
+from .test_quota import chat
+
+P, C = fakeupstream.PROMPT_TOKENS, fakeupstream.COMPLETION_TOKENS
+ALICE = tokens_subject("alice")
+
+
+# -- the arithmetic --
+
+
+def test_a_lease_asks_for_what_waits_plus_two_seconds_of_demand_and_shrinks_when_idle():
+    book = LeaseBook("2026-12-04")
+    book.note(ALICE, 30)
+    book.ask(ALICE, 50)
+    [want] = book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)
+    assert want == Want(ALICE, 10.0, 40.0, 40 + 50 + 2 * 30, 1000)
+    book.sent([want])
+    book.apply("2026-12-04", [want], {ALICE: 150.0}, {})
+    assert book.room(ALICE, 40.0) == 110
+    assert book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)[0].target == 40  # idle: down to what it holds
+    [shrink] = book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)
+    book.sent([shrink])
+    assert book.room(ALICE, 40.0) == 0  # smaller at once, before the database hears of it
+
+
+def test_an_unchanged_subject_is_not_reported_again_and_an_unlimited_one_only_reports():
+    book = LeaseBook("2026-12-04")
+    [want] = book.wants({"tokens:bob": (5.0, 5.0)}, lambda s: 0)
+    assert want.target == 5.0 and want.limit == 0
+    book.sent([want])
+    book.apply("2026-12-04", [want], {"tokens:bob": 5.0}, {})
+    assert book.wants({"tokens:bob": (5.0, 5.0)}, lambda s: 0) == []
+    assert len(book.wants({"tokens:bob": (7.0, 7.0)}, lambda s: 0)) == 1
+
+
+def test_a_new_day_starts_with_no_lease():
+    book = LeaseBook("2026-12-04")
+    book.granted[ALICE] = 100.0
+    book.roll("2026-12-05")
+    assert book.room(ALICE, 0.0) == 0.0
+
+
+# -- the transaction, on every engine --
+
+
+def _connection(database: str) -> Connection:
+    conn = Connection(engine_for(database))
+    migrate(conn)
+    return conn
+
+
+def _grant(conn: Connection, instance: str, *wants: Want) -> tuple[dict[str, float], dict[str, Elsewhere]]:
+    with conn.transaction():
+        return leases_txn(conn.cursor(), "2026-12-04", instance, wants, 1.0)
+
+
+def test_grants_never_take_the_sum_past_the_limit_and_count_what_each_really_used(database):
+    conn = _connection(database)
+    try:
+        granted, _ = _grant(conn, "a", Want(ALICE, 0, 0, 700, 1000))
+        assert granted[ALICE] == 700
+        granted, elsewhere = _grant(conn, "b", Want(ALICE, 0, 0, 700, 1000))
+        assert granted[ALICE] == 300 and elsewhere[ALICE] == Elsewhere(0, 0)
+        # a's charges ran 50 past its lease: they are counted, and not granted to anyone
+        granted, _ = _grant(conn, "a", Want(ALICE, 750, 750, 800, 1000))
+        assert granted[ALICE] == 700  # (a's stream stops: it may not go on past its lease)
+        granted, elsewhere = _grant(conn, "b", Want(ALICE, 0, 0, 400, 1000))
+        assert granted[ALICE] == 300 and elsewhere[ALICE] == Elsewhere(750, 750)  # keeps its own, gets no more
+        # b gives back what it does not use: a may have it
+        _grant(conn, "b", Want(ALICE, 100, 100, 100, 1000))
+        granted, elsewhere = _grant(conn, "a", Want(ALICE, 750, 750, 2000, 1000))
+        assert granted[ALICE] == 900 and elsewhere[ALICE] == Elsewhere(100, 100)
+    finally:
+        conn.close()
+
+
+def test_dollars_are_leased_like_tokens(database):
+    conn = _connection(database)
+    try:
+        granted, _ = _grant(conn, "a", Want(USD, 0.5, 0.5, 0.75, 1.0))
+        assert granted[USD] == 0.75
+        granted, _ = _grant(conn, "b", Want(USD, 0, 0, 0.75, 1.0))
+        assert granted[USD] == pytest.approx(0.25)
+    finally:
+        conn.close()
+
+
+# -- instances racing, on one PostgreSQL --
+
+
+async def _two(start_proxy: Any, engine: str, **env: str) -> list[Any]:
+    if engine != "postgresql":
+        pytest.skip("instances share a PostgreSQL database")
+    proxies = [await start_proxy(GREYFOX_INSTANCE=name, **env) for name in ("one", "two")]
+    for proxy in proxies:
+        await proxy.service.encodings.load()
+    return proxies
+
+
+async def _used(http: Any, proxies: list[Any], user: str) -> int:
+    """Tokens charged to ``user`` by every instance, from the shared ledger."""
+    for proxy in proxies:
+        await proxy.service.ledger.flush()
+    return sum(r["total_tokens"] for r in await rows(http, proxies[0], user=user, limit=500))
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_racing_over_two_instances_never_overshoot_the_daily_limit(start_proxy, http, engine):
+    """The reservation covers the answer, so no request has an excess: the
+    limit holds exactly, and the leases strand no more than one request's room."""
+    per_request = 28  # the reservation of chat(i): about 8 prompt + 20 max_tokens
+    limit = 12 * per_request + 10
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_TOKENS=str(limit))
+    proxies[0].upstream.delay = 0.05
+    calls = [Deferred.fromCoroutine(post_json(http, proxies[i % 2].v1 + "/chat/completions", chat(i),
+                                              {"x-app-user-id": "ci"}))
+             for i in range(60)]
+    results = await DeferredList(calls, fireOnOneErrback=True)
+    codes = [r.code for ok, (r, _) in results]
+    assert set(codes) == {200, 429}
+    assert codes.count(200) == len(proxies[0].upstream.received)
+    used = await _used(http, proxies, "ci")
+    assert used == codes.count(200) * (P + C) <= limit
+    assert codes.count(200) >= 11  # leases strand at most about one request's room
+    refused = [json.loads(body)["error"] for ok, (r, body) in results if r.code == 429]
+    assert {e["code"] for e in refused} == {"daily_token_limit"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_racing_over_two_instances_are_cut_off_within_one_event_each(start_proxy, http, engine):
+    """No max_tokens: each stream runs past its reservation, so every instance
+    renews its lease mid-stream, and the cut-off holds across both."""
+    limit = 400
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_TOKENS=str(limit), GREYFOX_DEFAULT_MAX_TOKENS="10")
+    doc = {"model": "no-usage-long", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}
+    calls = [Deferred.fromCoroutine(post_json(http, proxies[i % 2].v1 + "/chat/completions", dict(doc, n=i),
+                                              {"x-app-user-id": "alice"}))
+             for i in range(6)]
+    results = await DeferredList(calls, fireOnOneErrback=True)
+    enc = proxies[0].service.encodings.for_model("no-usage-long")
+    one_event = max(len(enc.encode_ordinary(w)) for w in fakeupstream.LONG_PIECES)
+    streams = [body for ok, (r, body) in results if r.code == 200]
+    assert streams and all(b"word5999" not in body for body in streams)
+    assert sum(b'"quota_exceeded"' in body for body in streams) == len(streams)  # every stream was cut, none ran on
+    used = await _used(http, proxies, "alice")
+    assert used <= limit + len(streams) * one_event  # the bound: one event past the limit per stream
+    # A stream is cut when its instance gets no more lease; what the other
+    # holds then and does not use is of the order of one event per stream.
+    assert used >= limit - len(streams) * one_event
+    served = {r["instance"] for r in await rows(http, proxies[1], user="alice")}
+    assert served == {"one", "two"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_spent_through_one_instance_refuses_on_the_other(start_proxy, http, engine):
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_BUDGET_USD="0.00002")
+    response, _ = await post_json(http, proxies[0].v1 + "/chat/completions", chat(1), {"x-app-user-id": "alice"})
+    assert response.code == 200
+    refused = None
+    for i in range(2, 10):  # the first instance's lease of the rest may need a second to come back
+        response, body = await post_json(http, proxies[1].v1 + "/chat/completions", chat(i), {"x-app-user-id": "bob"})
+        if response.code == 429:
+            refused = json.loads(body)["error"]["code"]
+            break
+    assert refused == "daily_budget"
+    spent = sum(r["cost_usd"] for r in await rows(http, proxies[0]) if r["status"] == 200)
+    assert spent <= 0.00002
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_through_one_instance_shows_in_the_others_quotas_within_two_seconds(start_proxy, http, engine):
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_TOKENS="1000")
+    response, _ = await post_json(http, proxies[0].v1 + "/chat/completions", chat(1), {"x-app-user-id": "alice"})
+    assert response.code == 200
+    await proxies[0].service.ledger.flush()
+
+    async def used_on_two() -> int:
+        code, view = await get_json(http, proxies[1].url + "/api/quotas")
+        return {u["user"]: u["used"] for u in view["users"]}.get("alice", 0)
+
+    for _ in range(40):
+        if await used_on_two() == P + C:
+            break
+        await sleep(0.05)
+    assert await used_on_two() == P + C
+    response, _ = await post_json(http, proxies[1].v1 + "/chat/completions", chat(2), {"x-app-user-id": "alice"})
+    assert int(response.headers.getRawHeaders(b"x-ratelimit-remaining-tokens")[0]) <= 1000 - 2 * (P + C)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_hands_back_its_lease_and_a_restart_keeps_its_spend(start_proxy, http, engine):
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_TOKENS="1000")
+    for i in range(5):
+        response, _ = await post_json(http, proxies[0].v1 + "/chat/completions", chat(i), {"x-app-user-id": "alice"})
+        assert response.code == 200
+    await proxies[0].stop()
+    conn = Connection(engine_for(proxies[1].service.settings.db))
+    try:
+        [(granted, used)] = conn.execute("SELECT granted, used FROM leases WHERE instance = 'one' AND subject = 'tokens:alice'").fetchall()
+    finally:
+        conn.close()
+    assert granted == used == 5 * (P + C)
+    again = await start_proxy(GREYFOX_INSTANCE="one", GREYFOX_DAILY_TOKENS="1000")
+    code, view = await get_json(http, again.url + "/api/quotas")
+    assert {u["user"]: u["used"] for u in view["users"]}["alice"] == 5 * (P + C)
+    await eventually(lambda: again.service.quotas.remaining("alice", again.service.reactor.seconds()) == 1000 - 5 * (P + C))

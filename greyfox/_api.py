@@ -23,6 +23,7 @@ from ._engines import engine_for
 from ._config import Settings
 from ._quota import Overrides, Quotas
 from ._proxy import valid_user
+from ._leases import reset_breaker_txn
 from ._store import set_budget_txn, set_override_txn
 from ._store import GROUPS, SPLITS, Ledger, requests_txn, usage_txn
 
@@ -288,7 +289,9 @@ class Api:
         self.quotas.daily_budget_usd = self.settings.daily_budget_usd if value is None else float(value)
         return 200, {"daily_budget_usd": self.quotas.daily_budget_usd or None}
 
-    def reset_breaker(self, user: str) -> Result:
+    async def reset_breaker(self, user: str) -> Result:
+        """``DELETE /api/quotas/{user}/breaker``: here at once, on instances sharing the database within a second."""
+        await self.run(reset_breaker_txn, user, self.seconds())
         return 200, {"user": user, "reset": self.quotas.reset_breaker(user)}
 
     def health(self) -> Result:

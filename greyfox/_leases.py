@@ -289,6 +289,33 @@ class LeaseKeeper:
         d.addCallbacks(done, failed).addCallback(finished)
 
 
+def loop_calls_txn(txn: Any, instance: str, calls: dict[tuple[str, int], int], now: float, window: float,
+                   reset_since: float) -> tuple[dict[tuple[str, int], int], list[tuple[str, float]]]:
+    """The loop breaker across instances: add this instance's calls per
+    (user, conversation) since its last report, forget those past the window,
+    and read the others' in it (conversations called more than once: one
+    call is far from any loop, and most conversations are seen once), and
+    the breakers reset through any instance since ``reset_since``."""
+    txn.executemany('INSERT INTO loop_calls (instance, "user", fingerprint, at, calls) VALUES (?, ?, ?, ?, ?)',
+                    [(instance, user, fp, now, n) for (user, fp), n in calls.items()])
+    txn.execute("DELETE FROM loop_calls WHERE at <= ?", (now - window,))
+    others = {
+        (user, int(fp)): int(n)
+        for user, fp, n in txn.execute(
+            'SELECT "user", fingerprint, SUM(calls) FROM loop_calls WHERE instance != ? '
+            'GROUP BY "user", fingerprint HAVING SUM(calls) > 1', (instance,)).fetchall()
+    }
+    resets = [(user, float(at)) for user, at in txn.execute(
+        'SELECT "user", at FROM breaker_resets WHERE at > ?', (reset_since,)).fetchall()]
+    return others, resets
+
+
+def reset_breaker_txn(txn: Any, user: str, now: float) -> None:
+    """An admin reset ``user``'s breakers: on every instance (they read it within a second)."""
+    txn.execute('DELETE FROM loop_calls WHERE "user" = ?', (user,))
+    txn.execute(txn.engine.upsert("breaker_resets", ("user", "at"), ("user",)), (user, now))
+
+
 def _fire(waiting: list[Deferred[None]]) -> None:
     for d in waiting:
         if not d.called:  # (else it timed out)

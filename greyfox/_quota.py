@@ -14,6 +14,7 @@ room for raises :class:`LeaseShort` for the caller to wait for more.
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_right
 from collections import deque
 from datetime import date, datetime, time, timedelta
@@ -117,9 +118,11 @@ def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> int:
             value = body.get(key)
             parts.append(value[:1] if isinstance(value, list) else value)
     # repr, not JSON: the parts come from one parsed body, so the same request
-    # gives the same text.  Python's own (keyed, per-process) string hash: the
-    # table lives in memory only, and this runs for every request.
-    return hash(repr(parts))
+    # gives the same text.  A hash that is the same in every process (not
+    # Python's, which is keyed per process): instances sharing a database
+    # count each other's calls by it.  63 bits: a PostgreSQL BIGINT.
+    digest = hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def duration(seconds: float) -> str:
@@ -176,6 +179,10 @@ class Quotas:
         self.breakers: dict[tuple[str, Hashable], float] = {}  # (user, fingerprint) -> open until
         #: This instance's leases of the daily limits when instances share a database, else ``None``.
         self.leases: LeaseBook | None = None
+        #: Instances sharing a database: calls per (user, fingerprint) since they
+        #: were last reported (else ``None``), and the others' calls in the window.
+        self.loop_calls_new: dict[tuple[str, Hashable], int] | None = None
+        self.loops_elsewhere: dict[tuple[str, Hashable], int] = {}
 
     def load_day(self, used_today: Iterable[tuple[str, int, float]]) -> None:
         """Add ``(user, tokens, usd)`` already charged today."""
@@ -301,6 +308,8 @@ class Quotas:
             self.leases.note(USD, usd)
         if fingerprint is not None and self.loop_max_repeats:
             self._loops[(user, fingerprint)] = calls + (now,)
+            if self.loop_calls_new is not None:
+                self.loop_calls_new[(user, fingerprint)] = self.loop_calls_new.get((user, fingerprint), 0) + 1
             if len(self._loops) > self._sweep_at:
                 self._sweep(now)
         return Reservation(user, day.day, tokens, usd, entry)
@@ -365,7 +374,7 @@ class Quotas:
         calls = self._loops.get(key, ())
         if calls and calls[0] <= now - self.loop_window:
             calls = calls[bisect_right(calls, now - self.loop_window):]
-        if len(calls) + 1 > self.loop_max_repeats:
+        if len(calls) + self.loops_elsewhere.get(key, 0) + 1 > self.loop_max_repeats:
             self.breakers[key] = now + self.loop_window
             self._loops.pop(key, None)
             raise Refused("runaway_loop", self._loop_message(user), self.loop_window)
@@ -402,6 +411,9 @@ class Quotas:
             del self.breakers[k]
         for k in [k for k in self._loops if k[0] == user]:
             del self._loops[k]
+        self.loops_elsewhere = {k: n for k, n in self.loops_elsewhere.items() if k[0] != user}
+        if self.loop_calls_new:
+            self.loop_calls_new = {k: n for k, n in self.loop_calls_new.items() if k[0] != user}
         return len(keys)
 
     def overrun(self, reservation: Reservation, tokens: int, usd: float, waited: bool = False) -> str | None:

@@ -121,11 +121,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             instance TEXT NOT NULL,
             user TEXT NOT NULL,
             fingerprint INTEGER NOT NULL,
-            second INTEGER NOT NULL,
+            at REAL NOT NULL,
             calls INTEGER NOT NULL,
-            PRIMARY KEY (instance, user, fingerprint, second)
+            PRIMARY KEY (instance, user, fingerprint, at)
         )""",
-        "CREATE INDEX loop_calls_second ON loop_calls (second)",
+        "CREATE INDEX loop_calls_at ON loop_calls (at)",
         'CREATE TABLE breaker_resets (user TEXT PRIMARY KEY, at REAL NOT NULL)',
     ),
 )
@@ -217,11 +217,11 @@ POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
             instance TEXT NOT NULL,
             "user" TEXT NOT NULL,
             fingerprint BIGINT NOT NULL,
-            second BIGINT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
             calls BIGINT NOT NULL,
-            PRIMARY KEY (instance, "user", fingerprint, second)
+            PRIMARY KEY (instance, "user", fingerprint, at)
         )""",
-        "CREATE INDEX loop_calls_second ON loop_calls (second)",
+        "CREATE INDEX loop_calls_at ON loop_calls (at)",
         'CREATE TABLE breaker_resets ("user" TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)',
     ),
 }

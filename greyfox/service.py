@@ -30,7 +30,7 @@ from ._collector import FullCollections
 from ._config import Settings
 from ._engines import engine_for
 from ._http import QuietSite, no_delay_listening
-from ._leases import INTERVAL as LEASE_INTERVAL, LeaseBook, LeaseKeeper, load_leases_txn
+from ._leases import INTERVAL as LEASE_INTERVAL, LeaseBook, LeaseKeeper, load_leases_txn, loop_calls_txn
 from ._upstream import UpstreamClient
 from ._metrics import Metrics
 from ._pricing import PriceTable
@@ -240,8 +240,10 @@ class GreyFoxService(MultiService):
         if self.leases is not None:  # instances sharing the database learn each other's answers and use
             self._learned_to = self.cache.newest()
             self._learn_from = self._learned_to - LEARN_WINDOW
+            self.quotas.loop_calls_new = {}
+            self._resets_seen = now
             for interval, look in ((LEARN_INTERVAL, self._learn_cache), (LEARN_INTERVAL, self._learn_limits),
-                                   (LEASE_INTERVAL, self.leases.tick)):
+                                   (LEASE_INTERVAL, self.leases.tick), (LEASE_INTERVAL, self._share_loops)):
                 learning = TimerService(interval, look)
                 learning.clock = reactor
                 learning.setServiceParent(self)
@@ -283,6 +285,30 @@ class GreyFoxService(MultiService):
 
         d = self.readpool.runInteraction(limits_txn)
         return d.addCallbacks(learned, lambda f: None)
+
+    def _share_loops(self) -> defer.Deferred[None] | None:
+        """Report this instance's calls per conversation and learn the others'
+        (SPEC §8: the loop breaker counts across instances), and the breakers
+        reset through other instances."""
+        quotas = self.quotas
+        if not quotas.loop_max_repeats:
+            return None
+        calls, quotas.loop_calls_new = quotas.loop_calls_new or {}, {}
+        now = self.reactor.seconds()
+
+        def learned(found: tuple[dict[Any, int], list[tuple[str, float]]]) -> None:
+            quotas.loops_elsewhere, resets = found
+            for user, at in resets:
+                quotas.reset_breaker(user)
+                self._resets_seen = max(self._resets_seen, at)
+
+        def failed(_: Any) -> None:  # the next report carries these calls
+            for key, n in calls.items():
+                quotas.loop_calls_new[key] = quotas.loop_calls_new.get(key, 0) + n  # type: ignore[index]
+
+        d = self.leasepool.runInteraction(loop_calls_txn, self.proxy.instance or "", calls, now, quotas.loop_window,
+                                          self._resets_seen)
+        return d.addCallbacks(learned, failed)
 
     def _settled(self, call: Any, row: Any) -> None:
         self.metrics.observe(row)

@@ -221,3 +221,30 @@ async def test_a_stopped_instance_hands_back_its_lease_and_a_restart_keeps_its_s
     code, view = await get_json(http, again.url + "/api/quotas")
     assert {u["user"]: u["used"] for u in view["users"]}["alice"] == 5 * (P + C)
     await eventually(lambda: again.service.quotas.remaining("alice", again.service.reactor.seconds()) == 1000 - 5 * (P + C))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_loop_breaker_counts_calls_across_instances_and_a_reset_reaches_them_all(start_proxy, http, engine):
+    proxies = await _two(start_proxy, engine, GREYFOX_LOOP_MAX_REPEATS="6")
+    conversation = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Fix the bug."}]
+
+    async def turn(proxy: Any) -> Any:
+        conversation.extend([{"role": "assistant", "content": f"Try {len(conversation)}"},
+                             {"role": "user", "content": "Still failing."}])
+        response, body = await post_json(http, proxy.v1 + "/chat/completions",
+                                         {"model": "gpt-4o-mini", "messages": conversation}, {"x-app-user-id": "agent"})
+        return response.code, body
+
+    for _ in range(3):
+        assert (await turn(proxies[0]))[0] == 200
+    quotas_two = proxies[1].service.quotas
+    await eventually(lambda: sum(quotas_two.loops_elsewhere.values()) == 3, timeout=3)
+    for _ in range(3):  # 3 there + 3 here: the limit
+        assert (await turn(proxies[1]))[0] == 200
+    code, body = await turn(proxies[1])
+    assert code == 429 and json.loads(body)["error"]["code"] == "runaway_loop"
+    response = await http.delete(proxies[0].url + "/api/quotas/agent/breaker")
+    assert response.code == 200
+    await response.content()
+    await eventually(lambda: not quotas_two.tripped("agent", proxies[1].service.reactor.seconds()), timeout=3)
+    assert (await turn(proxies[1]))[0] == 200

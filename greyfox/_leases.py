@@ -98,8 +98,9 @@ class LeaseBook:
         self.day = day
         self.granted: dict[str, float] = {}
         self.elsewhere: dict[str, Elsewhere] = {}
-        #: Reserved per subject since the last report: the demand leases follow.
+        #: Reserved per subject in this interval and in the one before: the demand leases follow.
         self.demand: dict[str, float] = {}
+        self.last_demand: dict[str, float] = {}
         #: Reservations waiting for a larger lease, per subject.
         self.asked: dict[str, float] = {}
         #: The last (used, held, granted) reported per subject: unchanged subjects are not written again.
@@ -117,7 +118,15 @@ class LeaseBook:
     def stopping(self) -> None:
         """The instance stops: the next report asks for no more than it holds."""
         self.demand.clear()
+        self.last_demand.clear()
         self.asked.clear()
+
+    def next_interval(self) -> None:
+        """A heartbeat: demand is measured over the interval just ended (or the running one, if larger)."""
+        self.last_demand, self.demand = self.demand, {}
+
+    def rate(self, subject: str) -> float:
+        return max(self.demand.get(subject, 0.0), self.last_demand.get(subject, 0.0)) / INTERVAL
 
     def room(self, subject: str, held: float) -> float:
         return self.granted.get(subject, 0.0) - held
@@ -144,14 +153,15 @@ class LeaseBook:
         """The subjects to report (``held``: subject -> (used, held)) and the lease to ask for each.
 
         A limited subject asks for its held amount plus what waits plus
-        :data:`AHEAD` seconds of the last interval's demand: more when busy,
-        back down to what it holds when idle.
+        :data:`AHEAD` seconds of its demand (at least as much again as waits):
+        more when busy, back down to what it holds when idle.
         """
         out = []
         for subject in sorted(set(held) | set(self.granted) | set(self.asked)):
             used, h = held.get(subject, (0.0, 0.0))
             limit = limits(subject)
-            target = h + self.asked.get(subject, 0.0) + AHEAD * self.demand.get(subject, 0.0) if limit else h
+            asked = self.asked.get(subject, 0.0)
+            target = h + asked + max(AHEAD * self.rate(subject), asked) if limit else h
             granted = self.granted.get(subject, 0.0)
             if self.reported.get(subject) == (used, h, granted) and target == granted:
                 continue
@@ -163,7 +173,6 @@ class LeaseBook:
         database must never show less than this instance may use)."""
         for w in wants:
             self.asked.pop(w.subject, None)
-            self.demand.pop(w.subject, None)
             if w.limit and w.target < self.granted.get(w.subject, 0.0):
                 self.granted[w.subject] = w.target
 
@@ -258,6 +267,7 @@ class LeaseKeeper:
 
     def tick(self) -> Deferred[None]:
         """The heartbeat: report and renew unless a transaction is already on its way."""
+        self._quotas.leases.next_interval()
         return self.sync() if not self._running else succeed(None)
 
     def _start(self) -> None:

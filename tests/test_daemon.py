@@ -49,10 +49,11 @@ def test_bad_setting_stops_the_start_with_one_line(tmp_path, args, env, named):
 
 class Daemon:
     def __init__(self, tmp_path: Any, upstream: fakeupstream.FakeUpstream, file_size_limit: int | None = None,
-                 **env: str) -> None:
-        """:param file_size_limit: the largest file the daemon may write (RLIMIT_FSIZE): a disk that fills up."""
+                 db: str | None = None, **env: str) -> None:
+        """:param file_size_limit: the largest file the daemon may write (RLIMIT_FSIZE): a disk that fills up.
+        :param db: its ``GREYFOX_DB`` (default: a SQLite file of the test's)."""
         self.port = free_port()
-        self.db = str(tmp_path / "daemon" / "greyfox.db")
+        self.db = db or str(tmp_path / "daemon" / "greyfox.db")
         self.log = open(tmp_path / "twistd.log", "a+")  # (a restarted daemon writes after the first)
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "greyfox", "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--db", self.db],
@@ -107,8 +108,8 @@ def _limit_file_size(size: int) -> None:
 def daemon(tmp_path, upstream):
     started = []
 
-    def start(file_size_limit: int | None = None, **env: str) -> Daemon:
-        d = Daemon(tmp_path, upstream, file_size_limit, **env)
+    def start(file_size_limit: int | None = None, db: str | None = None, **env: str) -> Daemon:
+        d = Daemon(tmp_path, upstream, file_size_limit, db, **env)
         started.append(d)
         return d
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import pytest
@@ -32,10 +33,17 @@ def test_a_lease_asks_for_what_waits_plus_two_seconds_of_demand_and_shrinks_when
     [want] = book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)
     assert want == Want(ALICE, 10.0, 40.0, 40 + 50 + 2 * 30, 1000)
     book.sent([want])
+    book.ask(ALICE, 100)
+    assert book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)[0].target == 40 + 100 + 100  # at least as much again
+    book.note(ALICE, 70)
+    assert book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)[0].target == 40 + 100 + 2 * (30 + 70)
+    book.asked.clear()
     book.apply("2026-12-04", [want], {ALICE: 150.0}, {})
     assert book.room(ALICE, 40.0) == 110
-    assert book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)[0].target == 40  # idle: down to what it holds
+    book.next_interval()
+    book.next_interval()
     [shrink] = book.wants({ALICE: (10.0, 40.0)}, lambda s: 1000)
+    assert shrink.target == 40  # idle for an interval: down to what it holds
     book.sent([shrink])
     assert book.room(ALICE, 40.0) == 0  # smaller at once, before the database hears of it
 
@@ -248,3 +256,84 @@ async def test_the_loop_breaker_counts_calls_across_instances_and_a_reset_reache
     await response.content()
     await eventually(lambda: not quotas_two.tripped("agent", proxies[1].service.reactor.seconds()), timeout=3)
     assert (await turn(proxies[1]))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_daemons_on_one_database_share_ledger_cache_and_limits(tmp_path, upstream, http, database, engine):
+    """Two ``twistd -n greyfox`` processes, started at once on one PostgreSQL."""
+    if engine != "postgresql":
+        pytest.skip("instances share a PostgreSQL database")
+    from .test_daemon import Daemon
+
+    limit = 10 * 28 + 10  # ten reservations of chat(i)
+    for name in ("east", "west"):
+        (tmp_path / name).mkdir()
+    daemons = [Daemon(tmp_path / name, upstream, db=database, GREYFOX_INSTANCE=name, GREYFOX_DAILY_TOKENS=str(limit))
+               for name in ("east", "west")]
+    try:
+        for d in daemons:
+            await d.ready(http)
+        upstream.delay = 0.05
+        calls = [Deferred.fromCoroutine(post_json(http, daemons[i % 2].url + "/v1/chat/completions", chat(i),
+                                                  {"x-app-user-id": "ci"}))
+                 for i in range(30)]
+        results = await DeferredList(calls, fireOnOneErrback=True)
+        codes = [r.code for ok, (r, _) in results]
+        assert 9 <= codes.count(200) <= 10 and codes.count(429) == 30 - codes.count(200)
+        upstream.delay = 0.0
+
+        # an answer recorded by one is a hit on the other within 2 s
+        doc = dict(chat(100), max_tokens=5)
+        response, _ = await post_json(http, daemons[0].url + "/v1/chat/completions", doc, {"x-app-user-id": "bob"})
+        assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"MISS"]
+        seen = len(upstream.received)
+        for _ in range(50):
+            await sleep(0.05)
+            response, _ = await post_json(http, daemons[1].url + "/v1/chat/completions", doc, {"x-app-user-id": "bob"})
+            if response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]:
+                break
+        assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]
+        assert len(upstream.received) - seen <= 2  # (the misses before the other had learnt it)
+
+        # one ledger: each shows the other's rows
+        await sleep(0.3)  # (the last rows' flush)
+        shown = json.loads(await (await http.get(daemons[1].url + "/api/requests?limit=500&user=ci")).content())
+        assert {r["instance"] for r in shown["requests"]} == {"east", "west"}
+        assert sum(r["total_tokens"] for r in shown["requests"]) == codes.count(200) * (P + C) <= limit
+        for d in daemons:
+            d.proc.send_signal(signal.SIGTERM)
+        for d in daemons:
+            assert await d.exit_code() in (0, -signal.SIGTERM), d.output()
+            assert "Traceback" not in d.output(), d.output()
+    finally:
+        for d in daemons:
+            d.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_that_loses_the_database_serves_within_its_lease_then_refuses(start_proxy, http, engine):
+    from twisted.internet.defer import fail
+
+    if engine != "postgresql":
+        pytest.skip("instances share a PostgreSQL database")
+    proxy = await start_proxy(GREYFOX_DAILY_TOKENS="100000")
+    await proxy.service.encodings.load()
+    for i in range(4):
+        response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(i), {"x-app-user-id": "alice"})
+        assert response.code == 200
+    keeper = proxy.service.leases
+    keeper._run = lambda *args: fail(ConnectionError("the database went away"))
+    book = proxy.service.quotas.leases
+    room = book.room(ALICE, 4 * (P + C))
+    assert room > 0  # what it holds of the limit beyond what it used
+    codes = []
+    for i in range(4, 40):
+        response, body = await post_json(http, proxy.v1 + "/chat/completions", chat(i), {"x-app-user-id": "alice"})
+        codes.append(response.code)
+        if response.code != 200:
+            assert response.code == 429 and json.loads(body)["error"]["code"] == "daily_token_limit"
+            break
+    assert codes[0] == 200 and codes[-1] == 429  # served within the lease, then refused, far from the limit
+    assert (len(codes) - 1) * (P + C) <= room
+    response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(4), {"x-app-user-id": "alice"})
+    assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]  # what it can decide alone

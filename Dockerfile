@@ -1,16 +1,18 @@
 # GreyFox in a container: docker run -p 8080:8080 -v ./data:/app/database -e OPENAI_API_KEY=... greyfox
 FROM python:3.11-slim
 
+# EXTRAS="[postgres]" adds the PostgreSQL driver (docs/scale-out/compose.yaml).
+ARG EXTRAS=""
 WORKDIR /app
 COPY setup.py README.md ./
 COPY greyfox ./greyfox
 COPY twisted ./twisted
 COPY web ./web
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".${EXTRAS}" \
  && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
  && useradd --system --home /app greyfox \
- && mkdir -p /app/database \
- && chown greyfox /app/database
+ && mkdir -p /app/database /app/data \
+ && chown greyfox /app/database /app/data
 
 USER greyfox
 VOLUME ["/app/database"]

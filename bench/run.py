@@ -265,7 +265,8 @@ async def _slow_big(port: int, mib: int, pid: int, rate_mib_s: float) -> dict[st
 class GreyFox:
     """``twistd -n greyfox`` (or another command) pinned to the proxy's CPU."""
 
-    def __init__(self, upstream_port: int, workdir: str, cmd: list[str] | None = None, limits: bool = True) -> None:
+    def __init__(self, upstream_port: int, workdir: str, cmd: list[str] | None = None, limits: bool = True,
+                 db: str | None = None, cpu: str = PROXY_CPU, instance: str | None = None) -> None:
         self.port = free_port()
         env = dict(os.environ)
         for k in list(env):
@@ -275,14 +276,16 @@ class GreyFox:
             "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
             "OPENAI_API_KEY": "sk-bench",
             "GREYFOX_LISTEN": f"tcp:{self.port}:interface=127.0.0.1",
-            "GREYFOX_DB": os.path.join(workdir, f"bench-{self.port}.db"),
+            "GREYFOX_DB": db or os.path.join(workdir, f"bench-{self.port}.db"),
         })
+        if instance:
+            env["GREYFOX_INSTANCE"] = instance
         if limits:
             env["GREYFOX_DAILY_TOKENS"] = "1000000000000"  # the quota stage estimates every request
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         cmd = cmd or [twistd, "-n", "--pidfile=", "--logfile=" + os.path.join(workdir, f"twistd-{self.port}.log"), "greyfox"]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(pinned(PROXY_CPU, cmd), env=env, cwd=workdir)
+        self.proc = subprocess.Popen(pinned(cpu, cmd), env=env, cwd=workdir)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def ready(self) -> float:
@@ -297,6 +300,52 @@ class GreyFox:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def postgres_database(server: str, name: str) -> Iterator[str]:
+    """A fresh database on ``server`` (a libpq URI), dropped afterwards."""
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def scale_out(up_port: int, workdir: str, unique: str, secs: float, server: str) -> tuple[dict[str, Any], list[str]]:
+    """Relayed requests (c=16 per instance) through one instance on PostgreSQL,
+    then through two on one database, each pinned to its own core, each
+    driven by its own wrk at once; the throughputs add up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with postgres_database(server, f"greyfox_bench_{os.getpid()}") as db:
+        one = GreyFox(up_port, workdir, db=db, instance="one")
+        try:
+            one.ready()
+            wrk(one.url + "/v1/chat/completions", 16, 1, unique)  # warm up
+            alone = wrk(one.url + "/v1/chat/completions", 16, secs, unique)
+        finally:
+            one.stop()
+        pair = [GreyFox(up_port, workdir, db=db, cpu=cpu, instance=f"two-{cpu}") for cpu in (PROXY_CPU, LOAD_CPU)]
+        try:
+            for gf in pair:
+                gf.ready()
+            with ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(lambda gf: wrk(gf.url + "/v1/chat/completions", 16, secs, unique), pair))
+        finally:
+            for gf in pair:
+                gf.stop()
+    total = sum(r["rps"] for r in both)
+    figures = {"one": alone, "two": both, "ratio": total / alone["rps"]}
+    row = ["relay on PostgreSQL, 1 vs 2 instances, c=16 each", "", "",
+           f"1: {alone['rps']:.0f} req/s; 2: {total:.0f} req/s = {total / alone['rps']:.2f} x",
+           f"p50 1: {alone['p50']:.2f} ms; 2: " + ", ".join(f"{r['p50']:.2f}" for r in both) + " ms", ""]
+    return figures, row
 
 
 def table(rows: list[list[str]]) -> str:
@@ -322,6 +371,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all: checks that the benchmark works")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--postgres", default=os.environ.get("GREYFOX_BENCH_POSTGRES"),
+                        help="a PostgreSQL server (libpq URI) for the scale-out row (default: $GREYFOX_BENCH_POSTGRES)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("bench: needs wrk (apt-get install wrk)", file=sys.stderr)
@@ -335,6 +386,11 @@ def main() -> int:
     open(fixed, "w").write(FIXED_LUA)
     with fake_upstream() as up_port:
         figures, rows = run_all(up_port, workdir, unique, fixed, secs, n_streams, big_mib)
+        if args.postgres:
+            figures["scale_out"], row = scale_out(up_port, workdir, unique, secs, args.postgres)
+        else:
+            row = ["relay on PostgreSQL, 1 vs 2 instances", "", "", "not run: give --postgres URI", "", ""]
+        rows.append(row)
     print(table(rows))
     print()
     goals = [["goal", "limit", "this run", ""]]

@@ -220,15 +220,19 @@ def leases_txn(txn: Any, day: str, instance: str, wants: Sequence[Want], now: fl
                 new = max(mine, min(w.target, w.limit - others))
         txn.execute(upsert, (day, w.subject, instance, new, w.used, w.held, now))
         granted[w.subject] = new
-    elsewhere = {
+    txn.execute("DELETE FROM leases WHERE day < ?", (_days_before(day, 2),))
+    return granted, _elsewhere_txn(txn, day, instance)
+
+
+def _elsewhere_txn(txn: Any, day: str, instance: str) -> dict[str, Elsewhere]:
+    """What the other instances charged and hold of each subject on ``day``."""
+    return {
         subject: Elsewhere(float(used), float(held))
         for subject, used, held in txn.execute(
             "SELECT subject, SUM(used), SUM(held) FROM leases WHERE day = ? AND instance != ? GROUP BY subject",
             (day, instance),
         ).fetchall()
     }
-    txn.execute("DELETE FROM leases WHERE day < ?", (_days_before(day, 2),))
-    return granted, elsewhere
 
 
 def _days_before(day: str, n: int) -> str:
@@ -268,7 +272,9 @@ class LeaseKeeper:
     def tick(self) -> Deferred[None]:
         """The heartbeat: report and renew unless a transaction is already on its way."""
         self._quotas.leases.next_interval()
-        return self.sync() if not self._running else succeed(None)
+        if self._running or not self._instance():  # (not named until it listens)
+            return succeed(None)
+        return self.sync()
 
     def _start(self) -> None:
         waiting, self._waiting = self._waiting, []
@@ -336,11 +342,4 @@ def load_leases_txn(txn: Any, day: str, instance: str) -> tuple[dict[str, float]
     """This instance's leases of ``day`` (a restart under the same name takes them back) and the others' use."""
     mine = {subject: float(g) for subject, g in txn.execute(
         "SELECT subject, granted FROM leases WHERE day = ? AND instance = ?", (day, instance)).fetchall()}
-    elsewhere = {
-        subject: Elsewhere(float(used), float(held))
-        for subject, used, held in txn.execute(
-            "SELECT subject, SUM(used), SUM(held) FROM leases WHERE day = ? AND instance != ? GROUP BY subject",
-            (day, instance),
-        ).fetchall()
-    }
-    return mine, elsewhere
+    return mine, _elsewhere_txn(txn, day, instance)

@@ -291,7 +291,7 @@ class GreyFoxService(MultiService):
         (SPEC §8: the loop breaker counts across instances), and the breakers
         reset through other instances."""
         quotas = self.quotas
-        if not quotas.loop_max_repeats:
+        if not quotas.loop_max_repeats or self.proxy.instance is None:  # (not named until it listens)
             return None
         calls, quotas.loop_calls_new = quotas.loop_calls_new or {}, {}
         now = self.reactor.seconds()

@@ -320,31 +320,39 @@ def postgres_database(server: str, name: str) -> Iterator[str]:
 def scale_out(up_port: int, workdir: str, unique: str, secs: float, server: str) -> tuple[dict[str, Any], list[str]]:
     """Relayed requests (c=16 per instance) through one instance on PostgreSQL,
     then through two on one database, each pinned to its own core, each
-    driven by its own wrk at once; the throughputs add up."""
+    driven by its own wrk at once (the throughputs add up), then through one
+    again: the single figure is the mean of the turns around the pair."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with postgres_database(server, f"greyfox_bench_{os.getpid()}") as db:
+    def alone(db: str) -> dict[str, float]:
         one = GreyFox(up_port, workdir, db=db, instance="one")
         try:
             one.ready()
             wrk(one.url + "/v1/chat/completions", 16, 1, unique)  # warm up
-            alone = wrk(one.url + "/v1/chat/completions", 16, secs, unique)
+            return wrk(one.url + "/v1/chat/completions", 16, secs, unique)
         finally:
             one.stop()
+
+    with postgres_database(server, f"greyfox_bench_{os.getpid()}") as db:
+        before = alone(db)
         pair = [GreyFox(up_port, workdir, db=db, cpu=cpu, instance=f"two-{cpu}") for cpu in (PROXY_CPU, LOAD_CPU)]
         try:
             for gf in pair:
                 gf.ready()
+                wrk(gf.url + "/v1/chat/completions", 16, 1, unique)
             with ThreadPoolExecutor(2) as pool:
                 both = list(pool.map(lambda gf: wrk(gf.url + "/v1/chat/completions", 16, secs, unique), pair))
         finally:
             for gf in pair:
                 gf.stop()
+        after = alone(db)
+    single = (before["rps"] + after["rps"]) / 2
     total = sum(r["rps"] for r in both)
-    figures = {"one": alone, "two": both, "ratio": total / alone["rps"]}
+    figures = {"one": [before, after], "two": both, "ratio": total / single}
     row = ["relay on PostgreSQL, 1 vs 2 instances, c=16 each", "", "",
-           f"1: {alone['rps']:.0f} req/s; 2: {total:.0f} req/s = {total / alone['rps']:.2f} x",
-           f"p50 1: {alone['p50']:.2f} ms; 2: " + ", ".join(f"{r['p50']:.2f}" for r in both) + " ms", ""]
+           f"1: {before['rps']:.0f}, {after['rps']:.0f} req/s; 2: {total:.0f} req/s = {total / single:.2f} x",
+           f"p50 1: {before['p50']:.2f}, {after['p50']:.2f} ms; 2: "
+           + ", ".join(f"{r['p50']:.2f}" for r in both) + " ms", ""]
     return figures, row
 
 

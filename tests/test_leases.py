@@ -146,7 +146,7 @@ async def test_requests_racing_over_two_instances_never_overshoot_the_daily_limi
     assert codes.count(200) == len(proxies[0].upstream.received)
     used = await _used(http, proxies, "ci")
     assert used == codes.count(200) * (P + C) <= limit
-    assert codes.count(200) >= 11  # leases strand at most about one request's room
+    assert codes.count(200) >= 10  # each instance strands less than one request's room of its lease
     refused = [json.loads(body)["error"] for ok, (r, body) in results if r.code == 429]
     assert {e["code"] for e in refused} == {"daily_token_limit"}
 
@@ -170,26 +170,28 @@ async def test_streams_racing_over_two_instances_are_cut_off_within_one_event_ea
     used = await _used(http, proxies, "alice")
     assert used <= limit + len(streams) * one_event  # the bound: one event past the limit per stream
     # A stream is cut when its instance gets no more lease; what the other
-    # holds then and does not use is of the order of one event per stream.
-    assert used >= limit - len(streams) * one_event
+    # holds then and does not use is small (a few events).
+    assert used >= 0.9 * limit
     served = {r["instance"] for r in await rows(http, proxies[1], user="alice")}
     assert served == {"one", "two"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_budget_spent_through_one_instance_refuses_on_the_other(start_proxy, http, engine):
-    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_BUDGET_USD="0.00002")
+    proxies = await _two(start_proxy, engine, GREYFOX_DAILY_BUDGET_USD="0.00007")  # five reservations of chat(i)
     response, _ = await post_json(http, proxies[0].v1 + "/chat/completions", chat(1), {"x-app-user-id": "alice"})
     assert response.code == 200
     refused = None
-    for i in range(2, 10):  # the first instance's lease of the rest may need a second to come back
+    for i in range(2, 40):
         response, body = await post_json(http, proxies[1].v1 + "/chat/completions", chat(i), {"x-app-user-id": "bob"})
         if response.code == 429:
             refused = json.loads(body)["error"]["code"]
             break
     assert refused == "daily_budget"
-    spent = sum(r["cost_usd"] for r in await rows(http, proxies[0]) if r["status"] == 200)
-    assert spent <= 0.00002
+    for proxy in proxies:
+        await proxy.service.ledger.flush()
+    spent = sum(r["cost_usd"] for r in await rows(http, proxies[0], limit=500) if r["status"] == 200)
+    assert 3 * 0.0000085 < spent <= 0.00007
 
 
 @pytest_twisted.ensureDeferred

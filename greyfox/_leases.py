@@ -95,6 +95,11 @@ class LeaseBook:
     """This instance's leases of one day, its recent demand, and the others' use as last seen.  Pure."""
 
     def __init__(self, day: str = "") -> None:
+        #: Called when a subject needs more lease soon (a stream nearing its end of it).
+        self.on_short: Callable[[], Any] = lambda: None
+        self._start_day(day)
+
+    def _start_day(self, day: str) -> None:
         self.day = day
         self.granted: dict[str, float] = {}
         self.elsewhere: dict[str, Elsewhere] = {}
@@ -105,15 +110,11 @@ class LeaseBook:
         self.asked: dict[str, float] = {}
         #: The last (used, held, granted) reported per subject: unchanged subjects are not written again.
         self.reported: dict[str, tuple[float, float, float]] = {}
-        #: Called when a subject needs more lease soon (a stream nearing its end of it).
-        self.on_short: Callable[[], Any] = lambda: None
 
     def roll(self, day: str) -> None:
         """A new day: no lease is held on it yet."""
         if day != self.day:
-            on_short = self.on_short
-            self.__init__(day)  # type: ignore[misc]
-            self.on_short = on_short
+            self._start_day(day)
 
     def stopping(self) -> None:
         """The instance stops: the next report asks for no more than it holds."""

@@ -331,11 +331,7 @@ class Proxy:
         instance's lease of the limits has room for it, if it shares them)."""
         try:
             self.admit(call, prompt, waited)
-        except LeaseShort as short:
-            leases = self.quotas.leases
-            assert leases is not None
-            for subject, amount in short.needs.items():
-                leases.ask(subject, amount)
+        except LeaseShort:
             return self.renew_leases().addCallback(lambda _: self._lead(call, request, call.prompt_estimate, True))
         return self._ride(call, request, self.new_flight(call), leader=True)
 

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import attr
 
-from ._leases import USD, Want, tokens_subject
+from ._leases import USD, Elsewhere, Want, tokens_subject
 
 if TYPE_CHECKING:
     from ._leases import LeaseBook
@@ -83,11 +83,7 @@ class Refused(Exception):
 
 class LeaseShort(Exception):
     """The request is within the limits but not within this instance's lease of
-    them: ``needs`` (subject -> amount) must be asked for, then admission tried again."""
-
-    def __init__(self, needs: dict[str, float]) -> None:
-        super().__init__(needs)
-        self.needs = needs
+    them: more has been asked for; admit it again once the leases are renewed."""
 
 
 def conversation_fingerprint(model: str | None, body: Mapping[str, Any]) -> int:
@@ -141,6 +137,14 @@ class _Day:
     reserved: dict[str, int] = attr.Factory(dict)
     spent_usd: float = 0.0
     reserved_usd: float = 0.0
+
+    def held(self, user: str) -> int:
+        """The user's tokens charged and reserved (here)."""
+        return self.used.get(user, 0) + self.reserved.get(user, 0)
+
+    @property
+    def held_usd(self) -> float:
+        return self.spent_usd + self.reserved_usd
 
 
 class Quotas:
@@ -207,6 +211,8 @@ class Quotas:
         day = self.day_of(now)
         if day != self._today.day:
             self._today = _Day(day)
+            if self.leases is not None:
+                self.leases.roll(day)
         self._day_end = self.next_midnight(now)
         self._day_start = datetime.combine(date.fromisoformat(day), time(0), self.tz).timestamp()
         return self._today
@@ -235,14 +241,11 @@ class Quotas:
         if not limit:
             return None
         day = self._day(now)
-        return max(0, int(limit - day.used.get(user, 0) - day.reserved.get(user, 0) - self._elsewhere(user)))
+        return max(0, int(limit - day.held(user) - self._others(tokens_subject(user)).held))
 
-    def _elsewhere(self, user: str) -> float:
-        """What other instances hold of the user's daily tokens, as last seen."""
-        return 0.0 if self.leases is None else self.leases.others(tokens_subject(user)).held
-
-    def _elsewhere_usd(self) -> float:
-        return 0.0 if self.leases is None else self.leases.others(USD).held
+    def _others(self, subject: str) -> Elsewhere:
+        """What other instances charged and hold of ``subject``, as last seen (nothing without leases)."""
+        return Elsewhere() if self.leases is None else self.leases.others(subject)
 
     def admit(self, user: str, tokens: int, usd: float, fingerprint: Hashable | None, now: float,
               waited: bool = False) -> Reservation:
@@ -261,7 +264,7 @@ class Quotas:
                           requests[0] + WINDOW - now, limits.daily_tokens or None, self.remaining(user, now))
 
         if limits.daily_tokens:
-            left = int(limits.daily_tokens - day.used.get(user, 0) - day.reserved.get(user, 0) - self._elsewhere(user))
+            left = int(limits.daily_tokens - day.held(user) - self._others(tokens_subject(user)).held)
             if tokens > left:
                 raise Refused(
                     "daily_token_limit",
@@ -283,7 +286,7 @@ class Quotas:
                               self.remaining(user, now))
 
         if self.daily_budget_usd:
-            left_usd = self.daily_budget_usd - day.spent_usd - day.reserved_usd - self._elsewhere_usd()
+            left_usd = self.daily_budget_usd - day.held_usd - self._others(USD).held
             if usd > left_usd or left_usd <= 0:
                 raise Refused(
                     "daily_budget",
@@ -319,17 +322,18 @@ class Quotas:
         """Raise :class:`LeaseShort` (or, having waited, :class:`Refused`) when a lease has no room for the request."""
         leases = self.leases
         assert leases is not None
-        leases.roll(day.day)
         needs: dict[str, float] = {}
         subject = tokens_subject(user)
-        if limits.daily_tokens and tokens and tokens > leases.room(subject, day.used.get(user, 0) + day.reserved.get(user, 0)):
+        if limits.daily_tokens and tokens and tokens > leases.room(subject, day.held(user)):
             needs[subject] = tokens
-        if self.daily_budget_usd and usd and usd > leases.room(USD, day.spent_usd + day.reserved_usd):
+        if self.daily_budget_usd and usd and usd > leases.room(USD, day.held_usd):
             needs[USD] = usd
         if not needs:
             return
         if not waited:
-            raise LeaseShort(needs)
+            for short, amount in needs.items():
+                leases.ask(short, amount)
+            raise LeaseShort()
         retry = self.next_midnight(now) - now
         if subject in needs:
             raise Refused(
@@ -348,11 +352,9 @@ class Quotas:
         day = self._day(now)
         leases = self.leases
         assert leases is not None
-        leases.roll(day.day)
-        held = {tokens_subject(u): (float(day.used.get(u, 0)), float(day.used.get(u, 0) + day.reserved.get(u, 0)))
-                for u in set(day.used) | set(day.reserved)}
-        if day.spent_usd or day.reserved_usd or USD in leases.granted:
-            held[USD] = (day.spent_usd, day.spent_usd + day.reserved_usd)
+        held = {tokens_subject(u): (float(day.used.get(u, 0)), float(day.held(u))) for u in set(day.used) | set(day.reserved)}
+        if day.held_usd or USD in leases.granted:
+            held[USD] = (day.spent_usd, day.held_usd)
 
         def limit(subject: str) -> float:
             if subject == USD:
@@ -443,15 +445,15 @@ class Quotas:
         limit = self.limits_for(user).daily_tokens
         past_lease = None
         if limit:
-            held = day.used.get(user, 0) + day.reserved.get(user, 0)
-            if held + self._elsewhere(user) > limit:
+            held = day.held(user)
+            if held + self._others(tokens_subject(user)).held > limit:
                 return "daily_token_limit"
             if self._past_lease(tokens_subject(user), held, tokens):
                 past_lease = "daily_token_limit"
         budget = self.daily_budget_usd
         if budget:
-            held_usd = day.spent_usd + day.reserved_usd
-            if held_usd + self._elsewhere_usd() > budget:
+            held_usd = day.held_usd
+            if held_usd + self._others(USD).held > budget:
                 return "daily_budget"
             if past_lease is None and self._past_lease(USD, held_usd, usd):
                 past_lease = "daily_budget"
@@ -500,6 +502,7 @@ class Quotas:
         for user in sorted(names):
             limits = self.limits_for(user)
             o = self.overrides.get(user, Overrides())
+            others = self._others(tokens_subject(user))
             out.append(
                 {
                     "user": user,
@@ -507,8 +510,8 @@ class Quotas:
                     "rpm": limits.rpm or None,
                     "tpm": limits.tpm or None,
                     "overrides": attr.asdict(o),
-                    "used": day.used.get(user, 0) + int(self._elsewhere_used(user)),
-                    "reserved": day.reserved.get(user, 0) + int(self._elsewhere(user) - self._elsewhere_used(user)),
+                    "used": day.used.get(user, 0) + int(others.used),
+                    "reserved": day.reserved.get(user, 0) + int(others.held - others.used),
                     "remaining": self.remaining(user, now),
                     "resets_at": resets_at,
                     "breaker_until": max(self.tripped(user, now), default=None),
@@ -516,14 +519,11 @@ class Quotas:
             )
         return out
 
-    def _elsewhere_used(self, user: str) -> float:
-        return 0.0 if self.leases is None else self.leases.others(tokens_subject(user)).used
-
     def global_view(self, now: float) -> dict[str, Any]:
         day = self._day(now)
-        others = self.leases.others(USD) if self.leases is not None else None
-        spent = day.spent_usd + (others.used if others else 0.0)
-        reserved = day.reserved_usd + (others.held - others.used if others else 0.0)
+        others = self._others(USD)
+        spent = day.spent_usd + others.used
+        reserved = day.reserved_usd + others.held - others.used
         return {
             "daily_budget_usd": self.daily_budget_usd or None,
             "spent_usd": round(spent, 10),

@@ -339,3 +339,19 @@ async def test_an_instance_that_loses_the_database_serves_within_its_lease_then_
     assert (len(codes) - 1) * (P + C) <= room
     response, _ = await post_json(http, proxy.v1 + "/chat/completions", chat(4), {"x-app-user-id": "alice"})
     assert response.headers.getRawHeaders(b"x-greyfox-cache") == [b"HIT"]  # what it can decide alone
+
+
+def test_admission_asks_for_a_lease_where_it_has_none_and_a_new_day_has_none():
+    from greyfox._quota import LeaseShort, Limits, Quotas
+
+    quotas = Quotas(Limits(daily_tokens=100), 0.0, "UTC", 0, 600, 0.0)
+    quotas.leases = LeaseBook(quotas.day_of(0.0))
+    quotas.leases.granted[ALICE] = 50.0
+    quotas.admit("alice", 40, 0.0, None, 0.0)
+    with pytest.raises(LeaseShort):
+        quotas.admit("alice", 20, 0.0, None, 1.0)
+    assert quotas.leases.asked == {ALICE: 20}
+    tomorrow = 86400.0 + 1
+    with pytest.raises(LeaseShort):
+        quotas.admit("alice", 10, 0.0, None, tomorrow)
+    assert quotas.leases.day == "1970-01-02" and quotas.leases.asked == {ALICE: 10}

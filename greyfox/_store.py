@@ -924,19 +924,23 @@ def requests_txn(txn: Any, limit: int, before: int | None, filters: dict[str, An
     return [dict(zip(LEDGER_COLUMNS, row)) for row in txn.fetchall()]
 
 
-def day_totals(db: str, day: str, instance: str | None = None) -> list[tuple[str, int, float]]:
-    """(user, tokens, dollars) charged on ``day`` (by ``instance`` only, when
-    given): rebuilds the quota counters at start."""
+def day_totals(db: str, day: str) -> list[tuple[str, int, float]]:
+    """(user, tokens, dollars) charged on ``day``: rebuilds the quota counters at start."""
     conn = Connection(engine_for(db))
-    mine = "" if instance is None else " AND instance = ?"
     try:
-        return [(user, int(tokens or 0), float(usd or 0)) for user, tokens, usd in conn.execute(
-            'SELECT "user", SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger '
-            f"WHERE day = ? AND cache != 'HIT'{mine} GROUP BY \"user\"",
-            (day,) if instance is None else (day, instance),
-        ).fetchall()]
+        return day_totals_txn(conn, day)
     finally:
         conn.close()
+
+
+def day_totals_txn(txn: Any, day: str, instance: str | None = None) -> list[tuple[str, int, float]]:
+    """:func:`day_totals` on an open connection (by ``instance`` only, when given)."""
+    mine = "" if instance is None else " AND instance = ?"
+    return [(user, int(tokens or 0), float(usd or 0)) for user, tokens, usd in txn.execute(
+        'SELECT "user", SUM(total_tokens), SUM(COALESCE(cost_usd, 0)) FROM ledger '
+        f"WHERE day = ? AND cache != 'HIT'{mine} GROUP BY \"user\"",
+        (day,) if instance is None else (day, instance),
+    ).fetchall()]
 
 
 def limits_txn(txn: Any) -> tuple[dict[str, tuple[int | None, int | None, int | None]], float | None]:

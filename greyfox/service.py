@@ -37,7 +37,8 @@ from ._pricing import PriceTable
 from ._proxy import Proxy
 from ._quota import Limits, Overrides, Quotas
 from ._store import (
-    Connection, Ledger, Pool, day_totals, limits_txn, prepare_database, recover_spill, release_ids_txn, row_json, spill,
+    Connection, Ledger, Pool, day_totals, day_totals_txn, limits_txn, prepare_database, recover_spill, release_ids_txn,
+    row_json, spill,
 )
 from ._tokens import encoding_name_for, load_encodings
 
@@ -169,8 +170,6 @@ class GreyFoxService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.engine = engine_for(settings.db)
-        #: Instances may share a PostgreSQL database, and then share its limits by leases.
-        self.shared = self.engine.name == "postgresql"
         state = prepare_database(settings.db)
         self.dbpool = Pool(settings.db, reactor)
         # Reads on a connection of their own (SQLite's WAL lets them run beside
@@ -201,8 +200,9 @@ class GreyFoxService(MultiService):
             now,
             overrides={u: Overrides(*v) for u, v in state.overrides.items()},
         )
+        #: Instances may share a PostgreSQL database, and then share its limits by leases.
         self.leases: LeaseKeeper | None = None
-        if self.shared:  # this instance's own spend is loaded once it knows its name (startService)
+        if self.engine.name == "postgresql":  # its own spend is loaded once it knows its name (startService)
             self.quotas.leases = LeaseBook(self.quotas.day_of(now))
             self.leasepool = Pool(settings.db, reactor)  # (grants wait for no ledger write or slow read)
             self.leases = LeaseKeeper(self.leasepool.runInteraction, self.quotas, lambda: self.proxy.instance or "",
@@ -306,7 +306,7 @@ class GreyFoxService(MultiService):
             for key, n in calls.items():
                 quotas.loop_calls_new[key] = quotas.loop_calls_new.get(key, 0) + n  # type: ignore[index]
 
-        d = self.leasepool.runInteraction(loop_calls_txn, self.proxy.instance or "", calls, now, quotas.loop_window,
+        d = self.leasepool.runInteraction(loop_calls_txn, self.proxy.instance, calls, now, quotas.loop_window,
                                           self._resets_seen)
         return d.addCallbacks(learned, failed)
 
@@ -336,7 +336,7 @@ class GreyFoxService(MultiService):
         super().startService()
         if self.proxy.instance is None:
             self.proxy.instance = instance_name(self.port)
-        if self.shared:
+        if self.leases is not None:
             self._load_own_day(self.proxy.instance)
         if s.daily_tokens or s.user_tpm or s.daily_budget_usd:
             self.encodings.load()  # admission estimates need them from the first request
@@ -347,10 +347,10 @@ class GreyFoxService(MultiService):
         quotas, book = self.quotas, self.quotas.leases
         assert book is not None
         day = quotas.day_of(self.reactor.seconds())
-        quotas.load_day(day_totals(self.settings.db, day, instance))
         conn = Connection(self.engine)
         try:
-            book.granted, book.elsewhere = load_leases_txn(conn.cursor(), day, instance)
+            quotas.load_day(day_totals_txn(conn, day, instance))
+            book.granted, book.elsewhere = load_leases_txn(conn, day, instance)
         finally:
             conn.close()
 
@@ -401,7 +401,7 @@ class GreyFoxService(MultiService):
         yield self.http.close()
         self.dbpool.close()
         self.readpool.close()
-        if self.shared:
+        if self.leases is not None:
             self.leasepool.close()
 
     @defer.inlineCallbacks

@@ -71,7 +71,6 @@ class Flight:
         self._content_type = ""
         self._json_body = False  # whether a kept non-stream body parsed as JSON (see _take_usage)
         self._counter: IncrementalCounter | None = None
-        self._lease_waited = False  # the last limit check waited for a lease renewal
 
     @property
     def joinable(self) -> bool:
@@ -329,17 +328,13 @@ class Flight:
         """Tokens of the answer so far: a stream's, counted as it passes (0 for other bodies)."""
         return self._counter.total if self._counter is not None else 0
 
-    def _over_limit(self) -> str | Deferred[None] | None:
+    def _over_limit(self, waited: bool) -> str | Deferred[None] | None:
         """Whether what the stream produced so far carries its user past the
         daily token limit or the day past the budget: the limit's code; a
         Deferred when it reached the end of this instance's lease and more is
-        asked for (asked again when it fires: then the lease decides)."""
-        waited, self._lease_waited = self._lease_waited, False
+        asked for (asked again when it fires, ``waited``: then the lease decides)."""
         code = self.proxy.over_limit(self.leader, self.tokens, waited)
-        if code == WAIT_FOR_LEASE:
-            self._lease_waited = True
-            return self.proxy.renew_leases()
-        return code
+        return self.proxy.renew_leases() if code == WAIT_FOR_LEASE else code
 
     def _cut_off(self, code: str) -> None:
         """End the stream here: one error event to every client, the upstream

@@ -280,7 +280,7 @@ class Fanout:
         keep: int,
         on_empty: Callable[[], None],
         on_complete: Callable[[], None] = lambda: None,
-        over_limit: Callable[[], str | Deferred[None] | None] | None = None,
+        over_limit: Callable[[bool], str | Deferred[None] | None] | None = None,
         on_over_limit: Callable[[str], None] = lambda code: None,
     ) -> None:
         """:param over_limit: asked after each metered event: the code of the
@@ -289,7 +289,8 @@ class Fanout:
             the read is not.  A Deferred instead: the stream is at the end of
             this instance's lease of the limit (see greyfox._leases) and more
             is asked for; the read pauses, the rest of this one is held, and
-            ``over_limit`` is asked again when the Deferred fires."""
+            ``over_limit`` is asked again when the Deferred fires, told that
+            it waited (its argument)."""
         self.meter = meter
         self.on_complete = on_complete
         self.over_limit = over_limit
@@ -357,7 +358,7 @@ class Fanout:
         for i, raw in enumerate(raws):
             pieces.append((raw, meter.on_raw(raw)))
             if self.over_limit is not None:
-                verdict = self.over_limit()
+                verdict = self.over_limit(False)
                 if verdict is None:
                     continue
                 self._send(pieces)
@@ -378,7 +379,7 @@ class Fanout:
         held, self._held = self._held or [], None
         if self.over_limit is None:  # the call ended meanwhile
             return
-        verdict = self.over_limit()
+        verdict = self.over_limit(True)
         if isinstance(verdict, str):
             self._cut(verdict)
             return

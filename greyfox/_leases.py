@@ -45,6 +45,7 @@ transaction; :class:`LeaseKeeper` runs it off the request path.
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from typing import Any, Callable, Sequence
 
 import attr
@@ -237,8 +238,6 @@ def _elsewhere_txn(txn: Any, day: str, instance: str) -> dict[str, Elsewhere]:
 
 
 def _days_before(day: str, n: int) -> str:
-    from datetime import date, timedelta
-
     return (date.fromisoformat(day) - timedelta(days=n)).isoformat()
 
 
